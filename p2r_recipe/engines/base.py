@@ -1,0 +1,37 @@
+"""The one small interface every generation backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..prompts import Prompt
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling settings for one batch; greedy by default, as published numbers are."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    min_new_tokens: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    """One generated reply, or the reason it could not be produced."""
+
+    text: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """Generates one reply per prompt; a failing prompt yields a Generation with `error`, never an exception."""
+
+    name: str
+
+    def generate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]: ...

@@ -1,0 +1,138 @@
+"""Evidence: parse the perceiver's JSON boxes, draw them on a copy of the image, crop the first three.
+
+Coordinates are Qwen-VL's normalised 0..1000 on both axes. The drawing, padding and
+cropping rules are the release's; what it left undefined (non-finite or out-of-range
+numbers, non-numeric coordinates) is decided here once: out-of-range coordinates are
+clamped to 0..1000, anything else that is not 4 finite numbers with x1 < x2 and
+y1 < y2 is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
+MAX_CROPS = 3
+PLACEHOLDER_LABEL = "description"
+# One object holding a "bbox_2d" list, found inside prose or code fences.
+_OBJECT = re.compile(r'\{[^{}]*"bbox_2d"\s*:\s*\[[^\[\]{}]*\][^{}]*\}')
+
+
+@dataclass(frozen=True)
+class Box:
+    """One valid evidence box: `bbox_2d` = (x1, y1, x2, y2) in 0..1000, and its label."""
+
+    bbox_2d: tuple[float, float, float, float]
+    label: str = ""
+
+    @property
+    def area(self) -> float:
+        """Fraction of the image the box covers (0..1)."""
+        x1, y1, x2, y2 = self.bbox_2d
+        return (x2 - x1) * (y2 - y1) / 1e6
+
+    def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        x1, y1, x2, y2 = self.bbox_2d
+        return int(x1 / 1000 * width), int(y1 / 1000 * height), int(x2 / 1000 * width), int(y2 / 1000 * height)
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    ix = min(a.bbox_2d[2], b.bbox_2d[2]) - max(a.bbox_2d[0], b.bbox_2d[0])
+    iy = min(a.bbox_2d[3], b.bbox_2d[3]) - max(a.bbox_2d[1], b.bbox_2d[1])
+    inter = max(0.0, ix) * max(0.0, iy)
+    union = a.area * 1e6 + b.area * 1e6 - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _box(obj: Any) -> Box | None:
+    if not isinstance(obj, dict):
+        return None
+    coords = obj.get("bbox_2d")
+    if not isinstance(coords, list) or len(coords) != 4:
+        return None
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coords):
+        return None
+    x1, y1, x2, y2 = (min(1000.0, max(0.0, float(c))) for c in coords)
+    if not (x1 < x2 and y1 < y2):
+        return None
+    label = obj.get("label", "")
+    return Box((x1, y1, x2, y2), label if isinstance(label, str) else json.dumps(label))
+
+
+def _objects(text: str) -> list[Any]:
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict):
+        return [parsed]
+    if isinstance(parsed, list):
+        return parsed
+    objects = []
+    for match in _OBJECT.finditer(text):
+        try:
+            objects.append(json.loads(match.group(0)))
+        except (ValueError, RecursionError):
+            continue
+    return objects
+
+
+def parse_boxes(text: str) -> list[Box]:
+    """All valid boxes in a perceiver output, in order; never raises on any string."""
+    if not isinstance(text, str):
+        return []
+    return [box for box in map(_box, _objects(text.strip())) if box is not None]
+
+
+def crop_rect(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The release's crop: the box padded by min(0.1, 600/side) of each side, clamped to the image."""
+    pad_x, pad_y = min(0.1, 600 / width), min(0.1, 600 / height)
+    x1, y1, x2, y2 = (c / 1000 for c in box.bbox_2d)
+    x1, x2 = max(0.0, x1 - pad_x), min(1.0, x2 + pad_x)
+    y1, y2 = max(0.0, y1 - pad_y), min(1.0, y2 + pad_y)
+    return int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
+
+
+def annotate(image: Image.Image, boxes: list[Box]) -> Image.Image:
+    """A copy of the image with every box outlined, colours cycling in the release's order."""
+    annotated = image.copy()
+    draw = ImageDraw.Draw(annotated)
+    line = max(3, int(0.003 * image.width))
+    for i, box in enumerate(boxes):
+        draw.rectangle(box.pixels(image.width, image.height), outline=COLORS[i % len(COLORS)], width=line)
+    return annotated
+
+
+@dataclass
+class Evidence:
+    """What the reason pass sees: annotated image + crops, or the original image alone."""
+
+    images: list[Image.Image]
+    boxes: list[Box] = field(default_factory=list)
+    crops: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def has_evidence(self) -> bool:
+        return bool(self.crops)
+
+    @property
+    def mean_box_area(self) -> float:
+        return sum(b.area for b in self.boxes) / len(self.boxes) if self.boxes else 0.0
+
+
+def gather_evidence(image: Image.Image, perceiver_output: str | list[Box], max_crops: int = MAX_CROPS) -> Evidence:
+    """Evidence images for the reason pass; falls back to the original image when no box is usable."""
+    boxes = parse_boxes(perceiver_output) if isinstance(perceiver_output, str) else list(perceiver_output)
+    rects = [crop_rect(b, image.width, image.height) for b in boxes[:max_crops]]
+    rects = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
+    if not rects:
+        return Evidence(images=[image], boxes=boxes)
+    crops = [image.crop(r) for r in rects]
+    return Evidence(images=[annotate(image, boxes), *crops], boxes=boxes, crops=rects)

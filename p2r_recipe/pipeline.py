@@ -1,0 +1,156 @@
+"""The three evaluation modes as compositions of prompts, an engine, evidence and scoring.
+
+`default`: one direct pass. `thinking`: one reasoning pass. `p2r`: a batched perceive
+pass, evidence from each sample's boxes, then a batched reason pass. Every backend runs
+the same code; a bad sample becomes a record with `error` set and never stops the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from . import prompts
+from .engines.base import Engine, GenParams, Generation
+from .evidence import Evidence, gather_evidence
+from .images import ImageError, PixelBudget, fit_to_budget, load_image
+from .scoring import answer_text, extract_choice
+
+
+@dataclass
+class Sample:
+    """One question about an image (the first image is the one P2R perceives)."""
+
+    id: str
+    question: str
+    images: list[Any]
+    answer_form: str = "mca"
+    answer: str | None = None
+    letters: str = "ABCD"
+
+
+@dataclass
+class Record:
+    """Everything one sample produced, in the order the passes ran."""
+
+    id: str
+    mode: str
+    prompts: list[str] = field(default_factory=list)
+    perceiver_output: str | None = None
+    boxes: list[dict] = field(default_factory=list)
+    box_count: int = 0
+    mean_box_area: float = 0.0
+    has_evidence: bool = False
+    raw_answer: str = ""
+    answer: str | None = None
+    prediction: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fit(images: list[Image.Image], budget: PixelBudget) -> list[Image.Image]:
+    return [fit_to_budget(im, budget.for_image(i), budget.min_pixels, budget.factor) for i, im in enumerate(images)]
+
+
+class Pipeline:
+    """Runs one mode over batches of samples with one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        mode: str = "p2r",
+        params: GenParams | None = None,
+        perceive_params: GenParams | None = None,
+        budget: PixelBudget | None = None,
+    ):
+        if mode not in prompts.MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {prompts.MODES}")
+        self.engine, self.mode = engine, mode
+        self.params = params or GenParams()
+        self.perceive_params = perceive_params or self.params
+        self.budget = budget or PixelBudget()
+
+    def run(self, samples: list[Sample]) -> list[Record]:
+        """One record per sample, in order."""
+        records = [Record(id=s.id, mode=self.mode) for s in samples]
+        images = self._load(samples, records)
+        evidence: dict[int, Evidence] = {}
+        if self.mode == "p2r":
+            evidence = self._perceive(samples, records, images)
+        live = list(evidence) if self.mode == "p2r" else list(images)
+        final = [self._final_prompt(samples[i], images[i], evidence.get(i)) for i in live]
+        self._generate(final, [records[i] for i in live], self.params, "raw_answer")
+        for i in live:
+            self._extract(samples[i], records[i])
+        return records
+
+    def _load(self, samples: list[Sample], records: list[Record]) -> dict[int, list[Image.Image]]:
+        images = {}
+        for i, sample in enumerate(samples):
+            try:
+                if not sample.images:
+                    raise ImageError("sample has no image")
+                images[i] = [load_image(im) for im in sample.images]
+            except ImageError as exc:
+                records[i].error = f"image: {exc}"
+        return images
+
+    def _perceive(self, samples, records, images) -> dict[int, Evidence]:
+        """Batched perceive pass; returns the evidence of every sample that got through it."""
+        live = list(images)
+        batch = [prompts.Prompt(prompts.perceive_text(samples[i].question), _fit(images[i][:1], self.budget)) for i in live]
+        self._generate(batch, [records[i] for i in live], self.perceive_params, "perceiver_output")
+        evidence = {}
+        for i in live:
+            record = records[i]
+            if record.error is None:
+                found = evidence[i] = gather_evidence(images[i][0], record.perceiver_output or "")
+                record.boxes = [{"bbox_2d": list(b.bbox_2d), "label": b.label} for b in found.boxes]
+                record.box_count, record.mean_box_area = len(found.boxes), found.mean_box_area
+                record.has_evidence = found.has_evidence
+        return evidence
+
+    def _final_prompt(self, sample: Sample, images: list[Image.Image], evidence: Evidence | None) -> prompts.Prompt:
+        if self.mode == "default":
+            text = prompts.direct_text(sample.question, sample.answer_form)
+        elif self.mode == "thinking":
+            text = prompts.thinking_text(sample.question, sample.answer_form)
+        else:
+            text = prompts.reason_text(sample.question, sample.answer_form, evidence.has_evidence)
+            images = evidence.images
+        return prompts.Prompt(text, _fit(images, self.budget))
+
+    def _generate(self, batch: list[prompts.Prompt], records: list[Record], params: GenParams, target: str) -> None:
+        """Generate for a batch and write each reply into `target` of its record (or its error)."""
+        if not batch:
+            return
+        for prompt, record in zip(batch, records):
+            record.prompts.append(prompt.text)
+        start = time.perf_counter()
+        generations: list[Generation] = self.engine.generate(batch, params)
+        per_sample = (time.perf_counter() - start) / len(batch)
+        for gen, record in zip(generations, records):
+            record.latency_s += per_sample
+            record.input_tokens += gen.input_tokens
+            record.output_tokens += gen.output_tokens
+            if gen.error is not None:
+                record.error = f"{self.engine.name}: {gen.error}"
+            else:
+                setattr(record, target, gen.text)
+
+    def _extract(self, sample: Sample, record: Record) -> None:
+        if record.error is not None:
+            return
+        record.answer = answer_text(record.raw_answer, self.mode)
+        if record.answer is not None and sample.answer_form == "mca":
+            record.prediction = extract_choice(record.answer, sample.letters)
+        else:
+            record.prediction = record.answer or ""

@@ -1,0 +1,151 @@
+"""Scoring: answer extraction, option letters, numeric equivalence, and the verifier's judgement."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Awaitable, Callable
+
+ANSWER_PREFIXES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is",
+    "The correct option is",
+    "Best answer:",
+    "Best option:",
+    "Answer:",
+    "Option:",
+    "The correct answer",
+    "The correct option",
+)
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+
+# Longer "numbers" are not numbers; sympy could spend minutes on a hostile power tower.
+MAX_MATH_CHARS = 100
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+VERIFIER_SYSTEM = "You are a helpful grading assistant."
+VERIFIER_TEMPLATE = (
+    "Given the question and its ground truth answer, determine if the predicted answer is correct. "
+    "Consider semantic equivalence, not just exact string match.\n\n"
+    "Question: {question}\nGround truth answer: {ground_truth}\nPredicted answer: {answer}\n\n"
+    'Is the predicted answer correct? Reply with only "Yes" or "No".'
+)
+VERIFIER_PARAMS = {"temperature": 0.0, "max_tokens": 64, "chat_template_kwargs": {"enable_thinking": False}}
+
+
+def answer_text(output: str, mode: str) -> str | None:
+    """The answer part of a model output: inside the first <answer> tags for reasoning modes
+    (None when there are none), the whole output for the default mode."""
+    if mode == "default":
+        return output.strip()
+    match = _ANSWER_TAG.search(output)
+    return match.group(1).strip() if match else None
+
+
+def extract_choice(text: str, letters: str = "ABCD") -> str:
+    """The release's lenient option-letter rule: the first option letter anywhere, '' when none.
+
+    Known answer prefixes are removed first. (The release's "more than 10 words and no
+    letter -> empty" guard is implied: without a letter the result is empty anyway.)
+    A stray capital counts, as in the published numbers.
+    """
+    if not isinstance(text, str):
+        return ""
+    s = text.strip()
+    for prefix in ANSWER_PREFIXES:
+        s = s.replace(prefix, "")
+    found = re.search(f"[{re.escape(letters)}]", s)
+    if found is None:
+        return ""
+    return found.group(0)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.strip().rstrip(".").replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def numbers_equal(prediction: str, ground_truth: str) -> bool:
+    """Mathematical equivalence of a numeric answer (plain numbers fast, the rest via math-verify)."""
+    pred, gold = _number(prediction), _number(ground_truth)
+    if pred is not None and gold is not None:
+        return math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-9)
+    if len(prediction) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
+        return False
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use SIGALRM, which only works on the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+
+    def parsed(text: str):
+        return parse(text if "$" in text else f"${text}$", parsing_timeout=timeout)
+
+    try:
+        return bool(verify(parsed(ground_truth), parsed(prediction), timeout_seconds=timeout))
+    except Exception:
+        return False
+
+
+def score_choice(prediction: str, ground_truth: str, letters: str = "ABCD") -> float:
+    return float(extract_choice(prediction, letters) == ground_truth.strip().lstrip("(").upper()[:1])
+
+
+def score_number(prediction: str, ground_truth: str) -> float:
+    return float(numbers_equal(prediction, ground_truth))
+
+
+def verifier_messages(question: str, ground_truth: str, answer: str) -> list[dict]:
+    """The chat the verifier LLM is asked to judge a free-form answer with."""
+    text = VERIFIER_TEMPLATE.format(question=question, ground_truth=ground_truth, answer=answer)
+    return [{"role": "system", "content": VERIFIER_SYSTEM}, {"role": "user", "content": text}]
+
+
+def parse_verdict(reply: str) -> bool | None:
+    """Strict reading of a verifier reply: a leading yes/no once think blocks are removed, else None."""
+    text = _THINK_BLOCK.sub("", reply or "").strip().lstrip("*\"'`#:- \n").lower()
+    if re.match(r"yes\b", text):
+        return True
+    if re.match(r"no\b", text):
+        return False
+    return None
+
+
+class VerdictError(RuntimeError):
+    """The verifier answered, but with neither yes nor no."""
+
+
+async def score_free_form(
+    question: str, ground_truth: str, prediction: str, chat: Callable[..., Awaitable[str]]
+) -> float:
+    """Free-form answers are judged by the verifier service; `chat(messages, **params)` sends one request."""
+    reply = await chat(verifier_messages(question, ground_truth, prediction), **VERIFIER_PARAMS)
+    verdict = parse_verdict(reply)
+    if verdict is None:
+        raise VerdictError(f"verifier reply is neither yes nor no: {reply[:200]!r}")
+    return float(verdict)
+
+
+def score_answer(prediction: str | None, ground_truth: str, answer_form: str, letters: str = "ABCD") -> float:
+    """Score an extracted answer of a locally checkable form (mca, na, one_word, yes_no); 0 when missing."""
+    if prediction is None or prediction == "":
+        return 0.0
+    if answer_form == "mca":
+        return score_choice(prediction, ground_truth, letters)
+    if answer_form == "na":
+        return score_number(prediction, ground_truth)
+    if answer_form in ("one_word", "yes_no"):
+        return float(_normalise(prediction) == _normalise(ground_truth))
+    raise ValueError(f"answer form {answer_form!r} needs the verifier (score_free_form)")
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text).strip().lower()
