@@ -1,0 +1,209 @@
+"""What the PRA-GRPO launchers share: flags, the deepspeed rank gate, pre-flight checks, and handing over to OpenRLHF."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+LAUNCH = Path(__file__).resolve().parent
+CONFIGS = LAUNCH / "configs"
+
+
+def config_path(name: str) -> Path:
+    """A YAML path, or a bare name from launch/configs (`reasoner_8b`)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return CONFIGS / f"{name}.yaml"
+
+
+def parser(role: str, doc: str) -> argparse.ArgumentParser:
+    default = f"{role}_4b"
+    cli = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--config", default=None, help=f"YAML file or name in launch/configs (default {default})")
+    cli.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field (repeatable), e.g. --set learning_rate=2e-6",
+    )
+    cli.add_argument("--pretrain", help="model to start from (hub id or HF checkpoint dir); wins over --set")
+    cli.add_argument("--dataset", help="prompt dataset (JSONL); wins over --set")
+    cli.add_argument(
+        "--output-dir", help="final HF checkpoint dir (checkpoints/ and tensorboard/ inside); wins over --set"
+    )
+    cli.add_argument(
+        "--agent",
+        action="store_true",
+        help="reward through the OpenRLHF agent (p2r_recipe/train/agent.py) instead of reward_func",
+    )
+    cli.add_argument(
+        "--dry-run", action="store_true", help="print the OpenRLHF command and exit; checks nothing, starts nothing"
+    )
+    cli.add_argument("--skip-checks", action="store_true", help="start without checking services, data and GPUs")
+    # deepspeed's launcher appends --local_rank=N to every process it starts.
+    cli.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return cli
+
+
+def launcher_rank(args: argparse.Namespace) -> int:
+    """This process's rank under `deepspeed` (0 when started with plain `python`)."""
+    ranks = [args.local_rank, *(int(os.environ.get(var, "-1")) for var in ("RANK", "LOCAL_RANK"))]
+    return max(0, *ranks)
+
+
+def _prompt_texts(row: dict) -> str:
+    texts = []
+    for message in row.get("prompt") or []:
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text") or "" for p in content or []]
+        texts.extend(parts)
+    return "\n".join(texts)
+
+
+def dataset_problem(config) -> str | None:
+    """Why `config.dataset` cannot feed this role, or None. Stage 2 needs the precomputed evidence prompts."""
+    from p2r_recipe.prompts import PERCEIVE_INSTRUCTION_TRAIN
+    from p2r_recipe.train.data import TrainSample
+
+    path = Path(config.dataset)
+    stage1 = config.role in ("perceiver", "joint")
+    make = (
+        "python -m p2r_recipe.train.data --role perceiver --out DIR"
+        if stage1
+        else "launch/start_perceiver_server.sh STAGE1_DIR, then python -m p2r_recipe.train.precompute "
+        "--input DIR/perceiver.jsonl --out DIR2"
+    )
+    if not path.is_file():
+        return f"dataset {path} not found; make it with: {make}"
+    with path.open(encoding="utf-8") as lines:
+        first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return f"dataset {path} is empty"
+    try:
+        row = json.loads(first)
+        TrainSample.from_label(row["label"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"dataset {path} is not a P2R training dataset ({exc}); make it with: {make}"
+    perceive = PERCEIVE_INSTRUCTION_TRAIN in _prompt_texts(row)
+    if stage1 and not perceive:
+        return f"dataset {path} holds reasoner prompts; the {config.role} role trains on perceive prompts: {make}"
+    if not stage1 and perceive:
+        return f"dataset {path} holds perceive prompts; stage 2 needs the precomputed evidence prompts: {make}"
+    return None
+
+
+def service_problem(name: str, env=None) -> str | None:
+    """Why the `name` service cannot be used (down, key refused, model not served), or None."""
+    import httpx
+
+    from p2r_recipe.train.services import ServiceConfig
+
+    service = ServiceConfig.from_env(name, env)
+    where = f"{name} service at {service.base_url} ({name.upper()}_HOST/{name.upper()}_PORT)"
+    start = f"start it with launch/start_{name}_server.sh"
+    headers = {"Authorization": f"Bearer {service.api_key}"} if service.api_key else {}
+    try:
+        reply = httpx.get(f"{service.base_url}/models", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        return f"{where} is not answering ({type(exc).__name__}: {exc}); {start}"
+    if reply.status_code in (401, 403):
+        return f"{where} refused our API key ({name.upper()}_API_KEY)"
+    if reply.status_code != 200:
+        return f"{where} answered /models with HTTP {reply.status_code}"
+    try:
+        served = [m.get("id") for m in reply.json()["data"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{where} answered /models with something that is not an OpenAI model list"
+    if service.model not in served:
+        return f"{where} serves {served}, not {service.model!r} ({name.upper()}_MODEL)"
+    return None
+
+
+def pretrain_problem(config) -> str | None:
+    """Stage 2 starts from the stage-1 checkpoint directory; stage 1 from a checkpoint directory or a hub id."""
+    path = Path(config.pretrain)
+    if (path / "config.json").is_file():
+        return None
+    if config.role == "reasoner":
+        return f"pretrain {path} is not an HF checkpoint directory; stage 2 starts from the stage-1 output_dir"
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", config.pretrain):
+        return f"pretrain {path} is neither an HF checkpoint directory nor a hub id"
+    return None
+
+
+def gpu_problem(config) -> str | None:
+    """A local run needs the config's GPUs visible here; Ray would otherwise wait for them forever."""
+    if os.environ.get("RAY_ADDRESS", "local") != "local" or config.num_nodes > 1:
+        return None  # the GPUs are the cluster's
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < config.num_gpus:
+        return f"the config needs {config.num_gpus} GPUs (gpus_per_node), {visible} visible (CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def preflight(config) -> list[str]:
+    """Every reason not to start, so one look fixes them all."""
+    from p2r_recipe.train.command import NEEDED_SERVICES
+
+    problems = [pretrain_problem(config), dataset_problem(config)]
+    problems.extend(service_problem(name) for name in NEEDED_SERVICES[config.role])
+    problems.append(gpu_problem(config))
+    return [p for p in problems if p]
+
+
+def main(role: str, doc: str, argv: list[str] | None = None, joint: bool = False) -> int:
+    """Parse flags; only rank 0 goes on: it checks, then becomes the one Ray driver for every visible GPU.
+
+    `deepspeed launch/train_*.py` starts this script once per GPU, each seeing all the node's GPUs.
+    OpenRLHF's trainer is a single Ray driver that places the policy, reference and vLLM engines
+    on all GPUs itself, so the other ranks exit 0 at once (a non-zero exit would make deepspeed
+    kill rank 0); a second driver would start a second Ray cluster fighting for the same GPUs.
+    """
+    cli = parser(role, doc)
+    if joint:
+        cli.add_argument(
+            "--joint",
+            action="store_true",
+            help="train the joint P2R agent (config joint_4b): one policy perceives, then reasons over its own evidence",
+        )
+    args = cli.parse_args(argv)
+    rank = launcher_rank(args)
+    if rank != 0:
+        print(f"rank {rank}: exiting; rank 0 drives Ray for every GPU", file=sys.stderr)
+        return 0
+
+    from p2r_recipe.train.command import build_command
+    from p2r_recipe.train.config import load_config
+
+    use_joint = getattr(args, "joint", False)
+    name = args.config or ("joint_4b" if use_joint else f"{role}_4b")
+    try:
+        config = load_config(config_path(name), args.overrides)
+    except (OSError, ValueError) as exc:
+        cli.error(str(exc))
+    paths = {key: getattr(args, key) for key in ("pretrain", "dataset", "output_dir") if getattr(args, key) is not None}
+    config = dataclasses.replace(config, **paths)  # taken verbatim: a path is not YAML
+    expected = "joint" if use_joint else role
+    if config.role != expected:
+        cli.error(f"{name} is a {config.role} config; this launcher trains the {expected} role")
+
+    command = build_command(config, agent=args.agent)
+    if args.dry_run:
+        print(command.shell())
+        return 0
+    problems = [] if args.skip_checks else preflight(config)
+    if problems:
+        print(f"not starting {expected} training:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 1
+    print(f"starting: {command.shell()}", flush=True)
+    os.execvpe(command.argv[0], command.argv, command.process_env())

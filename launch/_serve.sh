@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# One frozen-role OpenAI-compatible service (reasoner, perceiver or verifier): start it in the background and
+# wait until it answers, or stop it. Shared by start_{reasoner,perceiver,verifier}_server.sh; no tmux needed.
+#
+# usage: start_<role>_server.sh [--dev] [--dry-run] [MODEL_PATH] [-- EXTRA_SERVER_ARGS...]
+#        start_<role>_server.sh --stop
+#
+#   MODEL_PATH     the argument, else $<ROLE>_MODEL_PATH; the reasoner defaults to the base model
+#                  Qwen/Qwen3-VL-4B-Instruct (stage 1's frozen reasoner), --dev to the offline p2r-tiny
+#   --dev          run p2r-serve (HF backend, CPU) instead of `vllm serve`
+#   --dry-run      print the server command and the files it would use, start nothing
+#   --stop         stop the server recorded in the pid file (its whole process group)
+#   -- ARGS        passed verbatim to the server (e.g. -- --tensor-parallel-size 2 --max-model-len 16384)
+#
+# Environment (the reward, precompute and launcher code read the same variables):
+#   <ROLE>_HOST      address to bind and to call (default 127.0.0.1: loopback only)
+#   <ROLE>_PORT      reasoner 18901, perceiver 18902, verifier 18903
+#   <ROLE>_MODEL     served model name clients send (default: the role name)
+#   <ROLE>_API_KEY   if set, clients must send it; it reaches the server by environment, never argv
+#   P2R_RUN_DIR      log and pid files go to $P2R_RUN_DIR/services/<role>.{log,pid} (default ./runs)
+#   P2R_SERVE_TIMEOUT_S  how long to wait for /v1/models to list the served name (default 900)
+#   CUDA_VISIBLE_DEVICES the GPUs `vllm serve` uses: keep them apart from the training GPUs
+set -euo pipefail
+
+role=$1
+shift
+case $role in
+  reasoner) default_port=18901 default_model=Qwen/Qwen3-VL-4B-Instruct ;;
+  perceiver) default_port=18902 default_model= ;;
+  verifier) default_port=18903 default_model= ;;
+  *) echo "unknown role '$role' (expected reasoner, perceiver or verifier)" >&2; exit 2 ;;
+esac
+prefix=${role^^}
+host_var=${prefix}_HOST port_var=${prefix}_PORT name_var=${prefix}_MODEL key_var=${prefix}_API_KEY path_var=${prefix}_MODEL_PATH
+host=${!host_var:-127.0.0.1}
+port=${!port_var:-$default_port}
+served=${!name_var:-$role}
+api_key=${!key_var:-}
+timeout_s=${P2R_SERVE_TIMEOUT_S:-900}
+run_dir=${P2R_RUN_DIR:-./runs}/services
+log=$run_dir/$role.log
+pidfile=$run_dir/$role.pid
+
+action=start dev=0 model=${!path_var:-} extra=()
+while (($#)); do
+  case $1 in
+    --dev) dev=1 ;;
+    --stop) action=stop ;;
+    --dry-run) action=dry-run ;;
+    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    -*) echo "$role: unknown option $1 (server flags go after --)" >&2; exit 2 ;;
+    *) model=$1 ;;
+  esac
+  shift
+done
+
+case $host in 0.0.0.0) call_host=127.0.0.1 ;; :: | "[::]") call_host="[::1]" ;; *:*) call_host="[$host]" ;; *) call_host=$host ;; esac
+url=http://$call_host:$port
+
+# A pid file is trusted only while that pid still runs one of our servers (pids are reused).
+our_server() {
+  [[ -r /proc/$1/cmdline ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qE 'vllm|p2r-serve|p2r_recipe\.serve'
+}
+
+stop() {
+  if [[ ! -f $pidfile ]]; then
+    echo "$role: not running (no $pidfile)"
+    return 0
+  fi
+  local pid
+  pid=$(<"$pidfile")
+  if our_server "$pid"; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+    for _ in $(seq 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    echo "$role: stopped (pid $pid)"
+  else
+    echo "$role: pid $pid from $pidfile is not running a server; removing the stale pid file"
+  fi
+  rm -f "$pidfile"
+}
+
+# The key goes to curl through its config on stdin, so it never shows in `ps`.
+models() {
+  local auth=
+  [[ -n $api_key ]] && auth="header = \"Authorization: Bearer $api_key\""
+  curl -sf --max-time 5 -K - "$url/v1/models" <<<"$auth"
+}
+
+if [[ $action == stop ]]; then
+  stop
+  exit 0
+fi
+
+if ((dev)); then
+  model=${model:-p2r-tiny}
+  server=$(command -v p2r-serve || true)
+  key_env=P2R_SERVE_API_KEY
+  cmd=("${server:-p2r-serve}" --model "$model" --host "$host" --port "$port" --served-model-name "$served")
+else
+  model=${model:-$default_model}
+  server=$(command -v vllm || true)
+  key_env=VLLM_API_KEY
+  cmd=("${server:-vllm}" serve "$model" --host "$host" --port "$port" --served-model-name "$served")
+fi
+cmd+=("${extra[@]}")
+if [[ -z $model ]]; then
+  echo "$role: no model: give MODEL_PATH or set $path_var" >&2
+  exit 2
+fi
+
+if [[ $action == dry-run ]]; then
+  echo "${cmd[*]}"
+  echo "# url $url/v1  log $log  pid $pidfile  api key: $([[ -n $api_key ]] && echo set || echo none)"
+  exit 0
+fi
+
+if [[ -z $server ]]; then
+  echo "$role: ${cmd[0]} not found on PATH (install with: pip install -e '.[train]', or use --dev)" >&2
+  exit 1
+fi
+if [[ -f $pidfile ]] && our_server "$(<"$pidfile")"; then
+  echo "$role: already running (pid $(<"$pidfile"), log $log); stop it with --stop" >&2
+  exit 1
+fi
+if curl -s -o /dev/null --max-time 2 "$url/"; [[ $? -ne 7 ]]; then
+  echo "$role: something already listens on $host:$port; set $port_var to a free port" >&2
+  exit 1
+fi
+
+mkdir -p "$run_dir"
+# setsid: the server leads its own process group, so --stop also ends the workers it spawns.
+if [[ -n $api_key ]]; then
+  env "$key_env=$api_key" setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+else
+  env -u "$key_env" setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+fi
+pid=$!
+echo "$pid" >"$pidfile"
+echo "$role: starting ${cmd[*]} (pid $pid, log $log)"
+
+deadline=$((SECONDS + timeout_s))
+until reply=$(models) && [[ $reply == *"\"$served\""* ]]; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "$role: server exited during startup; last lines of $log:" >&2
+    tail -n 30 "$log" >&2
+    rm -f "$pidfile"
+    exit 1
+  fi
+  if ((SECONDS >= deadline)); then
+    echo "$role: $url/v1/models did not list \"$served\" within ${timeout_s}s; last lines of $log:" >&2
+    tail -n 30 "$log" >&2
+    stop >&2
+    exit 1
+  fi
+  sleep 1
+done
+echo "$role: ready at $url/v1 (model \"$served\")"

@@ -1,0 +1,316 @@
+"""Async client for OpenAI-compatible chat services (bounded, retrying), and the `openai` engine on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image
+from tqdm import tqdm
+
+from ..images import PixelBudget, data_url, fit_to_budget
+from ..prompts import Prompt
+from .base import Generation, GenParams
+
+T = TypeVar("T")
+# 408 and 429 say "try again later"; 5xx says the service itself is in trouble.
+_RETRY_STATUS = {408, 429}
+# A wrong key, URL or model name fails every request alike: a setup error, not a bad sample.
+_SETUP_STATUS = {401, 403, 404}
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service that stayed unreachable, slow or failing through every retry: an outage, not a bad sample."""
+
+
+class RequestRejected(RuntimeError):
+    """A request the service refused (4xx other than 408/429) or answered with no usable reply: retrying cannot help."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ChatReply:
+    """The assistant's text and the token counts the service reported."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass
+class _LoopState:
+    http: httpx.AsyncClient
+    slots: asyncio.Semaphore
+
+
+class ChatClient:
+    """Bounded-concurrency, retrying client of one OpenAI-compatible chat service.
+
+    `stats` counts `requests` (chat calls), `retries` (extra attempts), `failures` (calls
+    that raised) and `waited_s` (time spent backing off). The HTTP client and semaphore
+    are made per event loop on first use, so one ChatClient can serve several loops
+    (e.g. `asyncio.run` per call, or `run_sync`'s background loop).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        name: str = "service",
+        concurrency: int = 16,
+        timeout_s: float = 120,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"{name}: base URL must start with http:// or https://, got {base_url!r}")
+        root = base_url.rstrip("/")
+        self.base_url = (root if root.endswith("/v1") else root + "/v1") + "/"
+        self.model, self.name, self.api_key = model, name, api_key
+        self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "waited_s": 0.0}
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ChatClient({self.name!r}, {self.base_url!r}, model={self.model!r})"
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            state = self._loops.get(loop)
+            if state is None:
+                # Forget loops that `asyncio.run` has closed; their sockets close when collected.
+                self._loops = {old: st for old, st in self._loops.items() if not old.is_closed()}
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+                http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits, timeout=self.timeout_s)
+                state = self._loops[loop] = _LoopState(http, asyncio.Semaphore(self.concurrency))
+            return state
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (call it before a loop of your own ends)."""
+        with self._lock:
+            state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.http.aclose()
+
+    def close(self) -> None:
+        """Close the connections `run_sync` callers opened."""
+        run_sync(self.aclose())
+
+    async def chat(self, messages: list[dict], **params: Any) -> ChatReply:
+        """One chat completion; extra keyword arguments go into the request body as they are."""
+        self.stats["requests"] += 1
+        try:
+            data = await self._post({"model": self.model, "messages": messages, **params})
+            choice = data["choices"][0]["message"]
+            usage = data.get("usage") or {}
+            return ChatReply(
+                choice.get("content") or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            )
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            self.stats["failures"] += 1
+            raise RequestRejected(
+                f"{self.name} at {self.base_url} sent a malformed reply ({type(exc).__name__}: {exc})"
+            ) from None
+        except (ServiceUnavailable, RequestRejected):
+            self.stats["failures"] += 1
+            raise
+
+    async def text(self, messages: list[dict], **params: Any) -> str:
+        """Just the reply's text."""
+        return (await self.chat(messages, **params)).text
+
+    async def _post(self, body: dict) -> dict:
+        state = self._state()
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+            retry_after = None
+            try:
+                async with state.slots:
+                    response = await state.http.post("chat/completions", json=body)
+                status = response.status_code
+                if status == 200:
+                    return response.json()
+                last_error = f"HTTP {status}: {response.text[:500]}"
+                if status < 500 and status not in _RETRY_STATUS:
+                    raise RequestRejected(f"{self.name} at {self.base_url} rejected the request: {last_error}", status)
+                retry_after = _seconds(response.headers.get("retry-after"))
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except ValueError as exc:  # a 200 whose body is not JSON
+                raise RequestRejected(f"{self.name} at {self.base_url} sent a non-JSON reply: {exc}") from None
+            if attempt < self.retries:
+                await self._back_off(attempt, retry_after)
+        raise ServiceUnavailable(
+            f"{self.name} service at {self.base_url} unavailable after {self.retries + 1} attempts; last error: {last_error}"
+        )
+
+    async def _back_off(self, attempt: int, retry_after: float | None) -> None:
+        # Jitter spreads the retries of many concurrent callers so they do not return in lockstep.
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = min(self.max_backoff_s, max(delay, retry_after))
+        self.stats["waited_s"] += delay
+        await asyncio.sleep(delay)
+
+    async def wait_healthy(self, timeout_s: float = 300, poll_s: float = 0.5) -> list[str]:
+        """Poll `/v1/models` until the service answers; returns the served model names.
+
+        Raises ServiceUnavailable on timeout, and RequestRejected when the service is up but
+        does not serve this client's model (a wrong name would otherwise fail every request).
+        """
+        http = self._state().http
+        deadline = time.monotonic() + timeout_s
+        last_error = "no answer"
+        while True:
+            try:
+                response = await http.get("models", timeout=min(self.timeout_s, 10.0))
+                if response.status_code == 200:
+                    served = [m.get("id") for m in response.json().get("data", [])]
+                    if self.model not in served:
+                        raise RequestRejected(f"{self.name} at {self.base_url} serves {served}, not {self.model!r}")
+                    return served
+                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code in (401, 403):
+                    raise RequestRejected(f"{self.name} at {self.base_url}: {last_error} (check the API key)")
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise ServiceUnavailable(
+                    f"{self.name} service at {self.base_url} not healthy after {timeout_s:.0f} s; last error: {last_error}"
+                )
+            await asyncio.sleep(poll_s)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: not worth parsing for a back-off hint
+        return None
+
+
+_background: asyncio.AbstractEventLoop | None = None
+_background_lock = threading.Lock()
+
+
+def _forget_background_loop() -> None:
+    global _background, _background_lock
+    _background, _background_lock = None, threading.Lock()
+
+
+# A forked child (DataLoader workers, multiprocessing) inherits the loop but not its thread.
+os.register_at_fork(after_in_child=_forget_background_loop)
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = asyncio.new_event_loop()
+            threading.Thread(target=_background.run_forever, name="p2r-async", daemon=True).start()
+        return _background
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, inside or outside a running event loop.
+
+    Always on one long-lived background loop, so clients keep their pooled connections
+    between calls (a fresh `asyncio.run` per call would reconnect every time).
+    """
+    loop = _background_loop()
+    if asyncio._get_running_loop() is loop:  # blocking the loop on itself would deadlock
+        coro.close()
+        raise RuntimeError("run_sync called from its own background loop; await the coroutine instead")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+def image_part(image: Image.Image) -> dict:
+    """An OpenAI chat content part carrying the image as a JPEG data URL."""
+    return {"type": "image_url", "image_url": {"url": data_url(image)}}
+
+
+class OpenAIEngine:
+    """The Engine protocol over an OpenAI-compatible service (vLLM, p2r-serve), prompts sent concurrently.
+
+    A prompt the service rejects (e.g. too long for the model) becomes that prompt's
+    `Generation(error=...)`: a per-sample error is for bad samples. If the service is
+    unreachable through all retries, `generate` raises ServiceUnavailable instead, and a
+    wrong key, URL or model name (401/403/404) raises RequestRejected: an outage or a
+    setup error stops the run with a clear message rather than turning into empty
+    answers that would be scored as wrong.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        concurrency: int = 16,
+        timeout_s: float = 600,
+        retries: int = 5,
+        budget: PixelBudget | None = None,
+        backoff_s: float = 0.5,
+    ):
+        self.client = ChatClient(
+            base_url, model, api_key, name=model, concurrency=concurrency,
+            timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
+        )  # fmt: skip
+        self.budget = budget
+
+    def generate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]:
+        return run_sync(self.agenerate(prompts, params))
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def agenerate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]:
+        """The async form of `generate`; on an outage the remaining requests are cancelled."""
+        tasks = [asyncio.ensure_future(self._one(prompt, params)) for prompt in prompts]
+        quiet = len(tasks) <= self.client.concurrency
+        with tqdm(total=len(tasks), desc=f"{self.client.model} requests", unit="prompt", disable=quiet) as bar:
+            for task in tasks:
+                task.add_done_callback(lambda t: t.cancelled() or bar.update())
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+    async def _one(self, prompt: Prompt, params: GenParams) -> Generation:
+        images = prompt.images
+        if self.budget is not None:  # a no-op for images the pipeline already fitted
+            b = self.budget
+            images = [fit_to_budget(im, b.for_image(i), b.min_pixels, b.factor) for i, im in enumerate(images)]
+        body: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
+        if params.min_new_tokens:
+            body["min_tokens"] = params.min_new_tokens  # a vLLM extension; p2r-serve accepts it too
+        if params.seed is not None:
+            body["seed"] = params.seed
+        # Encoding runs in a thread (PIL releases the GIL) so large images do not stall other requests.
+        parts = await asyncio.to_thread(lambda: [image_part(im) for im in images])
+        try:
+            reply = await self.client.chat(prompt.messages(parts), **body)
+        except RequestRejected as exc:
+            if exc.status in _SETUP_STATUS:
+                raise
+            return Generation(error=str(exc))
+        return Generation(text=reply.text, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)

@@ -1,0 +1,63 @@
+"""The `vllm` backend: vLLM's offline engine in this process (needs a GPU and `pip install vllm`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..evidence import MAX_CROPS
+from ..images import PixelBudget
+from ..prompts import Prompt
+from .base import Generation, GenParams
+from .local import isolate_failures, processor_size
+
+
+class VLLMEngine:
+    """A Qwen-VL checkpoint served by `vllm.LLM`; all prompts go to one batched `chat` call."""
+
+    name = "vllm"
+
+    def __init__(self, pretrained: str, budget: PixelBudget | None = None, **llm_kwargs: Any):
+        """`llm_kwargs` go to `vllm.LLM` as they are (tensor_parallel_size, gpu_memory_utilization, max_model_len, ...)."""
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise ImportError(
+                "the vllm backend needs vLLM, which runs on a CUDA GPU: pip install 'p2r-recipe[vllm]' "
+                "(or use the hf or openai backend)"
+            ) from exc
+        from ..tiny import resolve_pretrained
+
+        self._sampling_params = SamplingParams
+        self.llm = LLM(
+            model=resolve_pretrained(pretrained),
+            # The reason pass sends the annotated image plus up to three crops.
+            limit_mm_per_prompt={"image": 1 + MAX_CROPS},
+            mm_processor_kwargs={"size": processor_size(budget or PixelBudget())},
+            **llm_kwargs,
+        )
+
+    def generate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]:
+        """One Generation per prompt, in order; a failing prompt gets an error."""
+        if not prompts:
+            return []
+        sampling = self._sampling_params(
+            temperature=params.temperature,
+            max_tokens=params.max_new_tokens,
+            min_tokens=params.min_new_tokens,
+            seed=params.seed,
+        )
+
+        def run(batch: list[Prompt]) -> list[Generation]:
+            conversations = [p.messages([{"type": "image_pil", "image_pil": im} for im in p.images]) for p in batch]
+            outputs = self.llm.chat(conversations, sampling, use_tqdm=len(batch) > 1)
+            return [
+                Generation(
+                    text=out.outputs[0].text,
+                    input_tokens=len(out.prompt_token_ids),
+                    output_tokens=len(out.outputs[0].token_ids),
+                    extra={"finish_reason": out.outputs[0].finish_reason},
+                )
+                for out in outputs
+            ]
+
+        return isolate_failures(run, prompts)

@@ -1,0 +1,51 @@
+"""An append-only JSONL journal of finished work by key, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class Journal:
+    """Key -> JSON value, one line per entry, each flushed and fsync'd as it is written.
+
+    A run killed mid-write leaves at most one torn last line, which loading drops, so a
+    re-run redoes only the work that was in flight.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            with self.path.open("r+b") as file:
+                file.truncate(len(complete))
+        for line in complete.decode("utf-8").splitlines():
+            entry = json.loads(line)
+            self.entries[entry["key"]] = entry["value"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.entries.get(key, default)
+
+    def add(self, key: str, value: Any, **meta: Any) -> None:
+        """Record `value` under `key`; `meta` is written beside it for people reading the file."""
+        line = json.dumps({"key": key, **meta, "value": value}, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+            self.entries[key] = value

@@ -1,0 +1,191 @@
+"""The lmms-eval model `p2r`: answers lmms-eval requests with the P2R pipeline in one of its three modes.
+
+    lmms-eval --model p2r --model_args pretrained=Qwen/Qwen3-VL-4B-Instruct,mode=p2r --tasks vstar,hrbench
+
+Requests are batched with lmms-eval's `utils.Collator` (grouped by generation kwargs) and
+each batch runs through `Pipeline`. A task's `doc_to_text` is the question. Our tasks
+declare their answer form (`p2r_answer_form` in their model-specific generation kwargs)
+and get the whole record back in an envelope (see `envelope`). Any other lmms-eval task
+gets the answer text alone (inside <answer> tags in reasoning modes, the whole output when
+there are none, "" for a failed sample), its answer form guessed from the question: option
+lines "A." / "(A)" / "A)" make it mca, otherwise free_form. `--use_cache` works as for
+any lmms-eval model, but 0.7.3 caches replies only once `generate_until` has returned
+(its `cache_hook` is a no-op), so a killed run keeps nothing. `record_cache=PATH` keeps
+every finished record in a journal as its batch completes: a re-run after a crash or a
+kill answers those from the journal and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+
+from ..engines import make_engine
+from ..engines.base import GenParams
+from ..images import PixelBudget
+from ..journal import Journal
+from ..pipeline import Pipeline, Record, Sample
+from ..prompts import MODES
+from . import envelope
+
+ANSWER_FORM_KEY = "p2r_answer_form"
+# Option lines of a multiple-choice question: "A. red", "(B) blue", "C) green".
+_OPTION = re.compile(r"^\s*\(?([A-F])(?:\)|\.|\s)", re.MULTILINE)
+
+
+def guess_answer_form(question: str) -> tuple[str, str]:
+    """(answer form, option letters) of another task's question: mca when it lists options A, B, ..."""
+    letters = "".join(sorted(set(_OPTION.findall(question))))
+    if letters.startswith("AB"):
+        return "mca", letters
+    return "free_form", "ABCD"
+
+
+class P2R(lmms):
+    """One VLM in default, thinking or p2r mode, on the hf, vllm or openai backend.
+
+    Token budgets are model args, not the task's (P2R's prompts decide the answer format):
+    `max_new_tokens` for the answering pass, `perceive_max_new_tokens` for the boxes. Extra
+    model args go to the backend's engine as they are (e.g. `tensor_parallel_size` for
+    vllm, `timeout_s` for openai). `batch_size` (lmms-eval's `--batch_size`) is the hf
+    batch; vllm and openai keep `concurrency` samples in flight.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        mode: str = "p2r",
+        backend: str = "hf",
+        base_url: str | None = None,
+        api_key: str | None = None,
+        served_model: str | None = None,
+        max_pixels: int = 4096 * 32 * 32,
+        min_pixels: int = 16 * 32 * 32,
+        crop_max_pixels: int | None = None,
+        max_new_tokens: int = 2048,
+        perceive_max_new_tokens: int | None = None,
+        batch_size: int | str = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+        concurrency: int = 32,
+        record_cache: str | None = None,
+        max_batch_size: int | None = None,  # lmms-eval's --max_batch_size, for `auto` batch sizes: unused
+        **engine_kwargs,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"p2r: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.mode = mode
+        self.budget = PixelBudget(
+            max_pixels=int(max_pixels), min_pixels=int(min_pixels), crop_max_pixels=int(crop_max_pixels or max_pixels)
+        )
+        self.max_new_tokens = int(max_new_tokens)
+        # Boxes need far fewer tokens than reasoning: 1024 (the perceiver's training budget), never above max_new_tokens.
+        self.perceive_max_new_tokens = int(perceive_max_new_tokens or min(1024, self.max_new_tokens))
+        if not str(batch_size).isdigit():
+            raise ValueError(f"p2r: batch_size must be a positive integer, got {batch_size!r}")
+        if backend == "openai":
+            model = served_model or pretrained
+            if not (base_url and model):
+                raise ValueError("p2r: backend=openai needs base_url and served_model (or pretrained)")
+            engine_kwargs.update(base_url=base_url, model=model, api_key=api_key, concurrency=int(concurrency))
+        elif pretrained is None:
+            raise ValueError("p2r: pretrained is required (a hub id, a local directory, or p2r-tiny)")
+        elif backend == "hf":
+            engine_kwargs.update(pretrained=pretrained, device=device, dtype=dtype, batch_size=int(batch_size))
+        else:
+            engine_kwargs.update(pretrained=pretrained, dtype=dtype)
+        self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
+        self.chunk_size = int(batch_size) if backend == "hf" else int(concurrency)
+        self.journal = Journal(record_cache) if record_cache else None
+        # What makes a cached record valid for this run: the model and every setting that changes its answer.
+        self._identity = [served_model or pretrained, mode, self.budget.max_pixels, self.budget.min_pixels,
+                          self.budget.crop_max_pixels, self.max_new_tokens, self.perceive_max_new_tokens]
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        collator = utils.Collator(
+            [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
+        )
+        replies: list[GenerationResult] = []
+        errors: list[str] = []
+        with tqdm(total=len(requests), desc=f"p2r {self.mode}", unit="sample", disable=self.rank != 0) as bar:
+            for chunk in collator.get_batched(n=self.chunk_size):
+                for record, reply in self._answer(chunk):
+                    replies.append(reply)
+                    if record.error is not None:
+                        errors.append(f"{record.id}: {record.error}")
+                bar.update(len(chunk))
+        if errors:
+            logger.warning(
+                f"p2r: {len(errors)} of {len(requests)} samples failed and count as wrong; first: {errors[0]}"
+            )
+        return collator.get_original(replies)
+
+    def _answer(self, chunk: list[tuple]) -> list[tuple[Record, GenerationResult]]:
+        """Records and replies of one batch of request args (all with the same generation kwargs)."""
+        gen_kwargs = chunk[0][1]
+        temperature = float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample", True) else 0.0
+        pipeline = Pipeline(
+            self.engine,
+            self.mode,
+            params=GenParams(max_new_tokens=self.max_new_tokens, temperature=temperature),
+            perceive_params=GenParams(max_new_tokens=self.perceive_max_new_tokens, temperature=temperature),
+            budget=self.budget,
+        )
+        ours = ANSWER_FORM_KEY in gen_kwargs
+        samples: list[Sample] = []
+        known: dict[int, Record] = {}
+        keys: list[str] = []
+        for i, (context, _, doc_to_visual, doc_id, task, split) in enumerate(chunk):
+            sample_id = f"{task}/{doc_id}"
+            keys.append(self._key(context, doc_id, task, split, temperature))
+            if self.journal is not None and keys[-1] in self.journal:
+                known[i] = Record(**self.journal.get(keys[-1]))
+                continue
+            try:
+                images = doc_to_visual(self.task_dict[task][split][doc_id])
+            except Exception as exc:  # any bad doc stays a per-sample error
+                known[i] = Record(id=sample_id, mode=self.mode, error=f"image: {type(exc).__name__}: {exc}")
+                continue
+            question = context.replace("<image>", "").strip()
+            form, letters = guess_answer_form(question)
+            form = gen_kwargs.get(ANSWER_FORM_KEY, form)
+            samples.append(Sample(sample_id, question, list(images or []), answer_form=form, letters=letters))
+        records = iter(pipeline.run(samples))
+        answered = [known[i] if i in known else next(records) for i in range(len(chunk))]
+        if self.journal is not None:
+            for key, record in zip(keys, answered):
+                if record.error is None and key not in self.journal:
+                    self.journal.add(key, record.to_dict(), id=record.id)
+        return [(record, self._reply(record, ours)) for record in answered]
+
+    def _key(self, context: str, doc_id, task: str, split: str, temperature: float) -> str:
+        return hashlib.sha256(json.dumps([*self._identity, temperature, task, split, doc_id, context]).encode()).hexdigest()
+
+    @staticmethod
+    def _reply(record: Record, ours: bool) -> GenerationResult:
+        tokens = TokenCounts(input_tokens=record.input_tokens, output_tokens=record.output_tokens)
+        if ours:
+            return GenerationResult(envelope.wrap(record), tokens)
+        if record.error is not None:
+            # Empty replies are scored wrong by the task and never cached, so --use_cache retries them.
+            return GenerationResult("", tokens)
+        return GenerationResult(record.answer if record.answer is not None else record.raw_answer, tokens)
+
+    def loglikelihood(self, requests: list[Instance]):
+        raise NotImplementedError(
+            "p2r generates answers (perceive, then reason); it cannot score loglikelihood requests. "
+            "Use tasks with output_type: generate_until."
+        )
+
+    def generate_until_multi_round(self, requests: list[Instance]):
+        raise NotImplementedError("p2r answers single-turn questions; multi-round generation is not supported.")

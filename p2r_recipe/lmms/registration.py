@@ -1,0 +1,56 @@
+"""Registers P2R with lmms-eval: the `p2r` model manifest, and this project's task folder.
+
+lmms-eval loads the entry points of group `lmms_eval.models` while `lmms_eval.models` is
+imported, which in the CLI happens before its TaskManager indexes tasks. lmms-eval 0.7.3
+has no way to register a task folder (no task entry point, no include-path variable;
+`LMMS_EVAL_PLUGINS` is applied after the index is built) and its built-in tasks win every
+name collision. So `manifest()` also wraps `TaskManager.initialize_tasks` at run time (the
+one place this project reaches into lmms-eval; none of its files change) to index
+`lmms_eval_tasks/` too: with `--model p2r` our names take precedence (`hrbench` is then
+ours, offline-scored, not lmms-eval's GPT-judged group); for any other model lmms-eval's
+own rule stands and our tasks only add names. Not covered: `lmms-eval tasks list` (the
+subcommand never imports lmms_eval.models); `lmms-eval --tasks list` is.
+tests/test_lmms_registration.py fails if a new lmms-eval breaks any of this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_ID = "p2r"
+MODEL_CLASS = "p2r_recipe.lmms.model.P2R"
+
+
+def tasks_dir() -> Path:
+    """The folder of our task YAMLs, next to the `p2r_recipe` package: in the repository
+    (source checkout, editable install) and in site-packages (wheel) alike."""
+    return Path(__file__).resolve().parents[2] / "lmms_eval_tasks"
+
+
+def index_our_tasks() -> None:
+    """Make every TaskManager index our task folder too (idempotent)."""
+    from lmms_eval.tasks import TaskManager
+
+    builtin = TaskManager.initialize_tasks
+    if getattr(builtin, "p2r_tasks", False):
+        return
+
+    def initialize_tasks(self, include_path=None, include_defaults=True):
+        index = builtin(self, include_path=include_path, include_defaults=include_defaults)
+        ours = builtin(self, include_path=[str(tasks_dir())], include_defaults=False)
+        if getattr(self, "model_name", None) == MODEL_ID:
+            return {**index, **ours}
+        return {**ours, **index}
+
+    initialize_tasks.p2r_tasks = True
+    initialize_tasks.__doc__ = builtin.__doc__
+    TaskManager.initialize_tasks = initialize_tasks
+
+
+def manifest():
+    """Entry point of group `lmms_eval.models`: the `p2r` model (a simple model class)."""
+    # Imported here: importing lmms_eval.models is what loads this entry point.
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    index_our_tasks()
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=MODEL_CLASS)

@@ -1,0 +1,198 @@
+"""Builds a tiny random-weight Qwen3-VL, fully offline, for tests and the embedded demo; its answers are meaningless."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+from p2r_recipe import prompts
+
+TINY_MODEL_NAME = "p2r-tiny"
+_MARKER = ".p2r-tiny-complete"
+_MAX_POSITIONS = 32768
+# Ids follow Qwen's order; <think> tags are ordinary added tokens as in Qwen3, so decoding
+# with skip_special_tokens=True keeps them.
+_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+_THINK_TAGS = ["<think>", "</think>"]
+_WORDS = """
+the a an of and or to in on at by for with from into over under above below behind near next left right
+top bottom middle center front back between inside outside is are was were be been has have had do does
+what which who where when why how many much color colour shape size number count image picture photo
+person people man woman boy girl child dog cat bird horse car bus truck train bicycle boat plane table
+chair sofa bed tree grass sky cloud water road street building house window door sign text word letter
+red orange yellow green blue purple pink brown black white gray grey large small big tall short long
+one two three four five six seven eight nine ten first second third yes no true false answer question
+option choice choices letter value numerical single phrase reasoning reason think step steps key visual
+evidence region regions highlighted cropped locate report coordinates format entire return empty list
+provide detailed between tags then simply directly output using given e.g. etc. chart graph table plot
+axis label title legend total sum average percent percentage ratio area length width height angle
+triangle circle square rectangle line point distance speed time year month day hour minute
+food fruit apple banana pizza cake cup bottle glass plate bowl phone computer screen book paper clock
+light lamp wall floor room kitchen bathroom field mountain river beach snow rain sun moon animal
+holding wearing sitting standing walking running eating playing looking shown visible appears most least
+"""
+_CORPUS = [
+    prompts.PERCEIVE_INSTRUCTION, prompts.PERCEIVE_INSTRUCTION_TRAIN, prompts.WITH_EVIDENCE, prompts.THINKING_EVAL,
+    *prompts.DIRECT_POST_PROMPTS.values(), *(prompts.reasoning_post_prompt(f) for f in prompts.ANSWER_FORMS),
+    '[{"bbox_2d": [12, 34, 567, 890], "label": "the red car"}] []',
+    "<think> The image shows two dogs, so the answer is 2. </think> <answer> 2 </answer>",
+    "Question: How many dogs are there?\nA. 1\nB. 2\nC. 3\nD. 4\n0.5 3.14 42 100%",
+    *(f"{w} {w}s {w.capitalize()} {w.upper()}" for w in _WORDS.split()),
+]  # fmt: skip
+# Qwen's VL chat template, minus tools: only the given messages, images where they appear.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- else -%}{%- for item in message.content -%}"
+    "{%- if item.type == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item.type == 'video' or 'video' in item -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+_README = """# p2r-tiny: random-weight tiny Qwen3-VL
+
+Built offline by `p2r-build-tiny` (p2r_recipe.tiny) for tests and the embedded demo.
+The weights are random and the tokenizer is a small BPE trained on a few sentences:
+the model's answers are meaningless. It exercises the real Qwen3-VL code paths only.
+"""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE with Qwen's pre-tokenization, special tokens and VL chat template."""
+    qwen = Qwen2Tokenizer().backend_tokenizer  # an empty Qwen tokenizer: only its pipeline is used
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer, bpe.pre_tokenizer, bpe.decoder = qwen.normalizer, qwen.pre_tokenizer, qwen.decoder
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(_CORPUS, trainer)
+    bpe.add_special_tokens(_SPECIALS)
+    bpe.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in _THINK_TAGS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=_MAX_POSITIONS,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_processor() -> Qwen3VLProcessor:
+    """Qwen3-VL's processor; images are capped at 4096 visual tokens (the real model allows 16384)."""
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    vision = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, **norm}
+    images = Qwen2VLImageProcessor(size={"shortest_edge": 64 * 32 * 32, "longest_edge": 4096 * 32 * 32}, **vision)
+    videos = Qwen3VLVideoProcessor(**vision)
+    return Qwen3VLProcessor(images, build_tokenizer(), videos, chat_template=CHAT_TEMPLATE)
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+    """The tiny sizes; every token id is read from the tokenizer."""
+    ids = dict(zip(_SPECIALS, tokenizer.convert_tokens_to_ids(_SPECIALS)))
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_parameters": rope,
+        "max_position_embeddings": _MAX_POSITIONS, "tie_word_embeddings": True,
+        "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad,
+    }  # fmt: skip
+    vision = {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+        "num_position_embeddings": 256, "deepstack_visual_indexes": [1],
+    }  # fmt: skip
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def _write(out: Path, seed: int) -> None:
+    """Write the model, processor, generation config and README into the empty directory `out`."""
+    processor = build_processor()
+    config = build_config(processor.tokenizer)
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    ids = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(do_sample=False, **ids)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(_README)
+    (out / _MARKER).write_text(f"seed={seed}\n")
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model into `out_dir` (atomically) unless a complete build is already there."""
+    out = Path(out_dir).expanduser().resolve()
+    if (out / _MARKER).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(tmp, seed)
+        os.rename(tmp, out)  # atomic; replaces out only if it is an empty directory
+    except OSError:
+        if not (out / _MARKER).exists():  # not a concurrent builder winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_tiny_dir() -> Path:
+    """`$P2R_TINY_DIR`, else ~/.cache/p2r_recipe/tiny-qwen3-vl."""
+    return Path(os.environ.get("P2R_TINY_DIR") or Path.home() / ".cache" / "p2r_recipe" / "tiny-qwen3-vl")
+
+
+def ensure_tiny_model() -> Path:
+    """The default tiny model directory, built on first use."""
+    return build_tiny_model(default_tiny_dir())
+
+
+def resolve_pretrained(name: str) -> str:
+    """`p2r-tiny` -> the built tiny model's directory; any other name unchanged."""
+    return str(ensure_tiny_model()) if name == TINY_MODEL_NAME else name
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script `p2r-build-tiny`."""
+    parser = argparse.ArgumentParser(prog="p2r-build-tiny", description=__doc__)
+    parser.add_argument("--out", type=Path, help="default: $P2R_TINY_DIR, else ~/.cache/p2r_recipe/tiny-qwen3-vl")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out or default_tiny_dir(), seed=args.seed))
+    print("The weights are random: the model's answers are meaningless.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Test-only stand-in for vllm.inputs."""
+
+TokensPrompt = dict

@@ -1,0 +1,377 @@
+"""PRA-GRPO launchers: the config, OpenRLHF's real parser on our commands, dry runs, the deepspeed rank gate, service scripts and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from servers import ScriptedServer, free_port
+
+from p2r_recipe.prompts import reason_text
+from p2r_recipe.train import AGENT_FILE, REWARD_FILE
+from p2r_recipe.train.command import build_command, openrlhf_args
+from p2r_recipe.train.config import BASE_MODEL, TrainConfig, load_config
+from p2r_recipe.train.data import TrainSample, perceiver_row, prompt_row
+from p2r_recipe.train.services import DEFAULT_PORTS
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+CONFIGS = LAUNCH / "configs"
+STUBS = Path(__file__).resolve().parent / "stubs"
+VENV_BIN = str(Path(sys.executable).parent)
+SERVICE_VARS = [f"{s.upper()}_{v}" for s in DEFAULT_PORTS for v in ("HOST", "PORT", "MODEL", "API_KEY", "MODEL_PATH")]
+# The release's hyper-parameters (reference section 6), kept by every size.
+RELEASE = {
+    "n_samples_per_prompt": 8, "rollout_batch_size": 64, "train_batch_size": 64, "learning_rate": 1e-6,
+    "kl_loss_coef": 0.01, "kl_estimator": "k3", "entropy_coef": 0.0, "epochs": 1, "save_steps": 30,
+}  # fmt: skip
+LENGTHS = {"perceiver": (2560, 1024, 4096), "reasoner": (8704, 2048, 12288)}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment without any service, P2R_ or Ray settings a developer's shell may carry."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS and not k.startswith(("P2R_", "RAY_"))}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    return {**env, **extra}
+
+
+def run(argv: list, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in argv], check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def launcher(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, LAUNCH / name, *args], env)
+
+
+def sample(tmp_path: Path) -> TrainSample:
+    return TrainSample(
+        id="1", question="What color is the car?", answer="A", answer_form="mca", image=str(tmp_path / "a.png")
+    )
+
+
+def write_dataset(path: Path, row: dict) -> Path:
+    path.write_text(json.dumps(row) + "\n")
+    return path
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_release_example_and_match_its_yaml():
+    config = TrainConfig().validate()
+    assert config.pretrain == BASE_MODEL == "Qwen/Qwen3-VL-4B-Instruct" and config.num_gpus == 4
+    assert {k: getattr(config, k) for k in RELEASE} == RELEASE
+    assert (config.prompt_max_len, config.response_max_len, config.rollout_max_len) == LENGTHS["perceiver"]
+    assert load_config(CONFIGS / "perceiver_4b.yaml") == config
+
+
+@pytest.mark.parametrize("size", ["2b", "4b", "8b"])
+def test_every_size_keeps_the_release_hyper_parameters(size):
+    for role in ("perceiver", "reasoner"):
+        path = CONFIGS / f"{role}_{size}.yaml"
+        assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}, path
+        config = load_config(path)
+        assert config.role == role and {k: getattr(config, k) for k in RELEASE} == RELEASE
+        assert (config.prompt_max_len, config.response_max_len, config.rollout_max_len) == LENGTHS[role]
+        assert config.max_images_per_prompt == (1 if role == "perceiver" else 4)
+    stage1, stage2 = load_config(CONFIGS / f"perceiver_{size}.yaml"), load_config(CONFIGS / f"reasoner_{size}.yaml")
+    assert stage1.pretrain == f"Qwen/Qwen3-VL-{size.upper()}-Instruct"
+    assert stage2.pretrain == stage1.output_dir  # stage 2 starts from the stage-1 checkpoint
+
+
+def test_overrides_are_typed_and_checked():
+    config = load_config(
+        None, ["learning_rate=2e-6", "gradient_checkpointing=false", "extra_args=--a 1", "pretrain=/m"]
+    )
+    assert (config.learning_rate, config.gradient_checkpointing, config.extra_args, config.pretrain) == (
+        2e-6,
+        False,
+        ["--a", "1"],
+        "/m",
+    )
+    with pytest.raises(ValueError, match="unknown config key.*'lr'.*valid keys"):
+        load_config(None, ["lr=1"])
+    with pytest.raises(ValueError, match="n_samples_per_prompt: expected int"):
+        load_config(None, ["n_samples_per_prompt=8.5"])
+    with pytest.raises(ValueError, match="GRPO normalises"):
+        load_config(None, ["n_samples_per_prompt=1"])
+    with pytest.raises(ValueError, match="exceeds rollout_max_len"):
+        load_config(None, ["prompt_max_len=4000"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config(None, ["learning_rate"])
+
+
+def test_yaml_with_unknown_key_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("role: reasoner\nlearning_rat: 1.0e-6\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown config key\(s\) \['learning_rat'\]"):
+        load_config(path)
+
+
+# --- the OpenRLHF command --------------------------------------------------------------------------
+
+
+def parse_with_openrlhf(argv_lists: list[list[str]]) -> list[dict]:
+    """OpenRLHF's own parser and checks, in a subprocess with the GPU-only imports stubbed."""
+    env = clean_env(PYTHONPATH=str(STUBS))
+    result = subprocess.run(
+        [sys.executable, STUBS / "parse_train_ppo_ray.py"], check=False, input=json.dumps(argv_lists),
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_openrlhf_parser_accepts_both_roles_and_the_agents():
+    configs = {role: load_config(CONFIGS / f"{role}_4b.yaml") for role in ("perceiver", "reasoner", "joint")}
+    cases = [
+        openrlhf_args(configs["perceiver"]),
+        openrlhf_args(configs["reasoner"]),
+        openrlhf_args(configs["perceiver"], agent=True),
+        openrlhf_args(configs["joint"]),  # the joint role always runs the agent
+        openrlhf_args(configs["perceiver"]) + ["--algo.kl.coef", "0.01"],  # a wrong flag name
+    ]
+    perceiver, reasoner, agent, joint, wrong = parse_with_openrlhf(cases)
+
+    for args, role in ((perceiver, "perceiver"), (reasoner, "reasoner")):
+        _, response, total = LENGTHS[role]
+        assert args["algo"]["advantage"]["estimator"] == "group_norm"
+        assert args["rollout"]["n_samples_per_prompt"] == 8 and args["rollout"]["batch_size"] == 64
+        assert args["train"]["batch_size"] == 64 * 8  # 64 prompts per update, counted in samples
+        assert args["actor"]["adam"]["lr"] == 1e-6 and args["actor"]["entropy_coef"] == 0.0
+        assert args["algo"]["kl"] == {**args["algo"]["kl"], "use_loss": True, "estimator": "k3", "init_coef": 0.01}
+        assert (args["train"]["num_episodes"], args["train"]["max_epochs"], args["ckpt"]["save_steps"]) == (1, 1, 30)
+        assert (args["data"]["max_len"], args["rollout"]["max_new_tokens"]) == (total, response)
+        assert (
+            args["actor"]["num_gpus_per_node"] == args["ref"]["num_gpus_per_node"] == args["vllm"]["num_engines"] == 4
+        )
+        assert args["train"]["colocate_all"] and args["ckpt"]["save_hf"] and args["data"]["apply_chat_template"]
+        assert (args["data"]["input_key"], args["data"]["label_key"], args["data"]["image_key"]) == (
+            "prompt",
+            "label",
+            "images",
+        )
+        assert args["reward"]["remote_url"] == [str(REWARD_FILE.resolve())] and args["train"]["agent_func_path"] is None
+        assert args["critic"]["model_name_or_path"] is None  # GRPO: no critic
+    assert perceiver["data"]["max_images_per_prompt"] == 1 and reasoner["data"]["max_images_per_prompt"] == 4
+    assert perceiver["actor"]["model_name_or_path"] == BASE_MODEL
+    assert reasoner["actor"]["model_name_or_path"] == "runs/perceiver_4b"  # not built here, so left relative
+    assert perceiver["ckpt"]["output_dir"] == str(ROOT / "runs/perceiver_4b")
+    for args in (agent, joint):
+        assert args["train"]["agent_func_path"] == str(AGENT_FILE.resolve()) and args["reward"]["remote_url"] == [
+            "agent"
+        ]
+    assert joint["data"]["max_len"] == 12288 and joint["data"]["max_images_per_prompt"] == 5
+    assert wrong["exit"] == 2 and "unrecognized arguments: --algo.kl.coef" in wrong["stderr"]
+
+
+def test_command_environment_local_and_on_a_ray_cluster():
+    config = load_config(CONFIGS / "perceiver_4b.yaml")
+    env = {"REASONER_PORT": "19001", "REASONER_API_KEY": "s3cret", "P2R_TIMEOUT_S": "60", "RANK": "0", "HOME": "/h"}
+    local = build_command(config, env=env)
+    assert local.argv[1:3] == ["-m", "openrlhf.cli.train_ppo_ray"]
+    assert local.env == {
+        "P2R_TIMEOUT_S": "60", "P2R_ROLE": "perceiver",
+        "REASONER_HOST": "127.0.0.1", "REASONER_PORT": "19001", "REASONER_MODEL": "reasoner", "REASONER_API_KEY": "s3cret",
+        "VERIFIER_HOST": "127.0.0.1", "VERIFIER_PORT": "18903", "VERIFIER_MODEL": "verifier", "RAY_ADDRESS": "local",
+    }  # fmt: skip
+    assert "s3cret" not in local.shell() and "REASONER_API_KEY=***" in local.shell()
+    assert local.process_env(env) == {"HOME": "/h", **local.env}  # deepspeed's RANK stays behind
+
+    joint = build_command(load_config(CONFIGS / "joint_4b.yaml"), env={})
+    assert (joint.env["P2R_AGENT"], joint.env["P2R_ROLE"]) == ("joint", "reasoner") and "REASONER_PORT" not in joint.env
+
+    cluster = build_command(config, env={**env, "RAY_ADDRESS": "http://head:8265"})
+    assert cluster.argv[1:5] == ["job", "submit", "--address", "http://head:8265"] and cluster.env == {}
+    runtime = json.loads(cluster.argv[cluster.argv.index("--runtime-env-json") + 1])
+    assert runtime["env_vars"]["P2R_ROLE"] == "perceiver" and runtime["env_vars"]["REASONER_API_KEY"] == "s3cret"
+    assert cluster.argv[cluster.argv.index("--") + 1 :] == local.argv and "s3cret" not in cluster.shell()
+
+
+# --- launchers ---------------------------------------------------------------------------------------
+
+
+def test_dry_runs_print_the_command_for_both_roles():
+    env = clean_env(VERIFIER_API_KEY="s3cret", VERIFIER_PORT="19003")
+    out = launcher("train_perceiver.py", "--dry-run", "--set", "learning_rate=3e-6", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "-m openrlhf.cli.train_ppo_ray" in out.stdout and "P2R_ROLE=perceiver" in out.stdout
+    assert f"--reward.remote_url {REWARD_FILE.resolve()}" in out.stdout and "--actor.adam.lr 3e-06" in out.stdout
+    assert "VERIFIER_PORT=19003" in out.stdout and "VERIFIER_API_KEY=***" in out.stdout and "s3cret" not in out.stdout
+
+    out = launcher(
+        "train_reasoner.py", "--dry-run", "--agent", "--config", "reasoner_8b", "--pretrain", "/ckpt/p1", env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "P2R_ROLE=reasoner P2R_AGENT=role" in out.stdout and "REASONER_PORT" not in out.stdout
+    assert "--actor.model_name_or_path /ckpt/p1" in out.stdout and "--data.max_len 12288" in out.stdout
+    assert f"--train.agent_func_path {AGENT_FILE.resolve()}" in out.stdout
+
+    out = launcher("train_reasoner.py", "--dry-run", "--config", "perceiver_4b", env=env)
+    assert (
+        out.returncode == 2
+        and "perceiver_4b is a perceiver config; this launcher trains the reasoner role" in out.stderr
+    )
+
+
+def test_alternate_dry_run_prints_every_round(tmp_path):
+    run_dir = tmp_path / "alt"
+    (run_dir / "round1" / "perceiver").mkdir(parents=True)
+    (run_dir / "round1" / "perceiver" / "config.json").write_text("{}")  # stage 1 of round 1 already trained
+    argv = [sys.executable, LAUNCH / "alternate.py", "--rounds", "2", "--run-dir", run_dir, "--service-gpus", "4",
+            "--train-gpus", "0,1,2,3", "--set", "save_steps=10", "--dry-run"]  # fmt: skip
+    out = run(argv, clean_env())
+    assert out.returncode == 0, out.stderr
+    titles = [line for line in out.stdout.splitlines() if line.startswith("# ")]
+    assert len(titles) == 6 and titles[0].endswith("[done, skipped]") and "[done" not in titles[1]
+    r1, r2 = run_dir / "round1", run_dir / "round2"
+    lines = out.stdout.splitlines()
+    serve_r2 = next(line for line in lines if "start_reasoner_server.sh" in line and str(r1 / "reasoner") in line)
+    assert serve_r2.startswith(f"P2R_RUN_DIR={run_dir} CUDA_VISIBLE_DEVICES=4 ")  # round 2's frozen reasoner
+    assert any(f"--pretrain {r1 / 'reasoner'}" in line and "train_perceiver.py" in line for line in lines)
+    assert any(f"start_perceiver_server.sh {r2 / 'perceiver'}" in line for line in lines)
+    assert any(f"--out {r2 / 'stage2'}" in line for line in lines)
+    train2 = next(line for line in lines if "train_reasoner.py" in line and str(r2) in line)
+    assert train2.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3 ") and "--set=save_steps=10" in train2
+    assert f"--dataset {r2 / 'stage2' / 'reasoner.jsonl'}" in train2 and f"--output-dir {r2 / 'reasoner'}" in train2
+
+
+def test_deepspeed_ranks_other_than_0_exit_at_once(tmp_path):
+    # Nothing listens on these ports, so a rank that went on would fail its checks (exit 1).
+    env = clean_env(REASONER_PORT=str(free_port()), VERIFIER_PORT=str(free_port()))
+    args = ["--local_rank=1", "--output-dir", str(tmp_path / "out")]
+    out = run([sys.executable, LAUNCH / "train_perceiver.py", *args], {**env, "LOCAL_RANK": "1", "RANK": "1"})
+    assert out.returncode == 0 and "rank 1: exiting" in out.stderr and out.stdout == ""
+    assert not (tmp_path / "out").exists()
+    rank0 = run([sys.executable, LAUNCH / "train_perceiver.py", "--local_rank=0", "--output-dir", str(tmp_path / "out")],
+                {**env, "LOCAL_RANK": "0", "RANK": "0"})  # fmt: skip
+    assert rank0.returncode == 1 and "not starting perceiver training" in rank0.stderr
+
+
+@pytest.mark.slow
+def test_real_deepspeed_launcher_runs_one_driver():
+    env = clean_env()
+    argv = [shutil.which("deepspeed", path=env["PATH"]), "--num_gpus", "2", "--master_port", str(free_port()),
+            LAUNCH / "train_perceiver.py", "--dry-run"]  # fmt: skip
+    out = run(argv, env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("-m openrlhf.cli.train_ppo_ray") == 1  # rank 0 only
+    assert "rank 1: exiting" in out.stdout + out.stderr
+
+
+def test_checks_name_the_missing_service_and_the_wrong_dataset(tmp_path):
+    perceive = write_dataset(tmp_path / "perceiver.jsonl", perceiver_row(sample(tmp_path)))
+    down = free_port()
+    with ScriptedServer(lambda body: "Yes", models=("verifier",)) as verifier:
+        env = clean_env(REASONER_PORT=str(down), VERIFIER_PORT=str(verifier.port))
+        out = launcher("train_perceiver.py", "--dataset", str(perceive), "--output-dir", str(tmp_path / "o"), env=env)
+    assert out.returncode == 1
+    assert (
+        f"reasoner service at http://127.0.0.1:{down}/v1 (REASONER_HOST/REASONER_PORT) is not answering" in out.stderr
+    )
+    assert "start it with launch/start_reasoner_server.sh" in out.stderr
+    assert "verifier" not in out.stderr and "dataset" not in out.stderr
+    assert "GPUs (gpus_per_node), 0 visible" in out.stderr  # this machine has none
+    assert verifier.calls == 0  # the check lists models; it never spends a chat call
+
+    reason = write_dataset(
+        tmp_path / "reasoner.jsonl", prompt_row(sample(tmp_path), reason_text("q?", "mca", True, True), ["a"])
+    )
+    with ScriptedServer(lambda body: "Yes", models=("judge",)) as verifier:
+        env = clean_env(VERIFIER_PORT=str(verifier.port))
+        out = launcher("train_reasoner.py", "--dataset", str(perceive), "--pretrain", str(tmp_path), env=env)
+        wrong_role = launcher("train_perceiver.py", "--dataset", str(reason), "--pretrain", "/no/such/model", env=env)
+    assert out.returncode == 1
+    assert f"pretrain {tmp_path} is not an HF checkpoint directory" in out.stderr
+    assert "holds perceive prompts; stage 2 needs the precomputed evidence prompts" in out.stderr
+    assert "serves ['judge'], not 'verifier' (VERIFIER_MODEL)" in out.stderr
+    assert "holds reasoner prompts" in wrong_role.stderr
+    assert "pretrain /no/such/model is neither an HF checkpoint directory nor a hub id" in wrong_role.stderr
+
+
+# --- service scripts ---------------------------------------------------------------------------------
+
+
+def test_service_scripts_dry_run_defaults_match_the_clients():
+    for role, port in DEFAULT_PORTS.items():
+        out = run(
+            [LAUNCH / f"start_{role}_server.sh", "--dry-run", "/models/m", "--", "--max-model-len", "9"], clean_env()
+        )
+        assert out.returncode == 0, out.stderr
+        command = out.stdout.splitlines()[0]
+        assert command.endswith(
+            f"serve /models/m --host 127.0.0.1 --port {port} --served-model-name {role} --max-model-len 9"
+        )
+    out = run([LAUNCH / "start_perceiver_server.sh"], clean_env())
+    assert out.returncode == 2 and "give MODEL_PATH or set PERCEIVER_MODEL_PATH" in out.stderr
+
+
+def test_service_script_dev_starts_checks_and_stops_p2r_serve(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = clean_env(
+        REASONER_PORT=str(port), REASONER_API_KEY="k3y", P2R_RUN_DIR=str(tmp_path), P2R_SERVE_TIMEOUT_S="180"
+    )
+    script = LAUNCH / "start_reasoner_server.sh"
+    pidfile, log = tmp_path / "services" / "reasoner.pid", tmp_path / "services" / "reasoner.log"
+    started = run([script, "--dev", tiny_model_dir], env, timeout=240)
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"ready at http://127.0.0.1:{port}/v1" in started.stdout and log.stat().st_size > 0
+        assert "k3y" not in Path(f"/proc/{pid}/cmdline").read_text()  # the key travels by environment
+        assert os.getpgid(pid) == pid  # its own process group, so --stop reaches its children
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k3y"}).json()
+        assert [m["id"] for m in models["data"]] == ["reasoner"]
+
+        sys.path.insert(0, str(LAUNCH))
+        from _common import service_problem
+
+        assert service_problem("reasoner", env) is None
+        assert "refused our API key (REASONER_API_KEY)" in service_problem(
+            "reasoner", {**env, "REASONER_API_KEY": "bad"}
+        )
+        again = run([script, "--dev", tiny_model_dir], env)
+        assert again.returncode == 1 and "already running" in again.stderr
+        taken = run([LAUNCH / "start_verifier_server.sh", "--dev"], {**env, "VERIFIER_PORT": str(port)})
+        assert taken.returncode == 1 and f"something already listens on 127.0.0.1:{port}" in taken.stderr
+
+        stopped = run([script, "--stop"], env)
+        assert stopped.returncode == 0 and f"stopped (pid {pid})" in stopped.stdout
+        assert not pidfile.exists()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    finally:
+        if pid and os.path.exists(f"/proc/{pid}"):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_alternate_stops_at_a_failed_stage_and_stops_its_service(tmp_path, tiny_model_dir):
+    reasoner_port, verifier_port = free_port(), free_port()
+    env = clean_env(REASONER_PORT=str(reasoner_port), VERIFIER_PORT=str(verifier_port), P2R_SERVE_TIMEOUT_S="180")
+    data = write_dataset(tmp_path / "perceiver.jsonl", perceiver_row(sample(tmp_path)))
+    argv = [sys.executable, LAUNCH / "alternate.py", "--rounds", "1", "--run-dir", tmp_path / "alt", "--dev-services",
+            "--base", tiny_model_dir, "--data", data]  # fmt: skip
+    out = run(argv, env, timeout=300)
+    assert out.returncode == 1
+    assert f"reasoner: ready at http://127.0.0.1:{reasoner_port}/v1" in out.stdout  # the driver served the base model
+    # The launcher found that service, and stopped on what is missing on this machine.
+    assert (
+        "reasoner service" not in out.stderr
+        and f"verifier service at http://127.0.0.1:{verifier_port}/v1" in out.stderr
+    )
+    assert "stopped: round 1/1: train the perceiver" in out.stderr and "failed (exit 1)" in out.stderr
+    assert "reasoner: stopped" in out.stdout and not (tmp_path / "alt" / "services" / "reasoner.pid").exists()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{reasoner_port}/v1/models", timeout=2)

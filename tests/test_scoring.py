@@ -1,0 +1,101 @@
+import asyncio
+
+import pytest
+
+from p2r_recipe import scoring
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("(C) the red one", "C"),
+        ("The answer is D.", "D"),
+        ("The best answer is: A", "A"),
+        ("Answer: b", ""),  # lower case is not an option letter
+        ("Based on the image, B", "B"),  # lenient: a stray capital counts, as published
+        ("It is the left one", ""),
+        ("The correct option is C", "C"),
+        ("Option: E", ""),
+        ("", ""),
+        ("one two three four five six seven eight nine ten eleven twelve", ""),
+    ],
+)
+def test_extract_choice(text, expected):
+    assert scoring.extract_choice(text) == expected
+
+
+def test_extract_choice_letters():
+    assert scoring.extract_choice("E. the ship", letters="ABCDE") == "E"
+    assert scoring.extract_choice("E. the ship") == ""
+    assert scoring.extract_choice(None) == ""
+
+
+def test_answer_text():
+    assert scoring.answer_text("<think>hmm</think><answer> B </answer>", "p2r") == "B"
+    assert scoring.answer_text("<answer>A</answer> later <answer>C</answer>", "thinking") == "A"
+    assert scoring.answer_text("no tags here", "p2r") is None
+    assert scoring.answer_text(" B ", "default") == "B"
+
+
+@pytest.mark.parametrize(
+    "pred, gold, ok",
+    [("42", "42", True), ("42.0", "42", True), ("1,000", "1000", True), ("0.5", "1/2", True),
+     ("\\frac{1}{2}", "0.5", True), ("3", "4", False), ("nan", "1", False), ("abc", "1", False), ("9" * 500, "1", False)],
+)
+def test_numbers(pred, gold, ok):
+    assert scoring.numbers_equal(pred, gold) is ok
+
+
+def test_score_answer_forms():
+    assert scoring.score_answer("The answer is B", "B", "mca") == 1.0
+    assert scoring.score_answer("C", "(B)", "mca") == 0.0
+    assert scoring.score_answer("F", "F", "mca", letters="ABCDEF") == 1.0
+    assert scoring.score_answer("7", "7.0", "na") == 1.0
+    assert scoring.score_answer("Yes.", "yes", "yes_no") == 1.0
+    assert scoring.score_answer(None, "B", "mca") == 0.0
+    with pytest.raises(ValueError, match="verifier"):
+        scoring.score_answer("a cat", "cat", "free_form")
+
+
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [("Yes", True), ("yes.", True), ("**No**", False), ("<think>yes, it matches</think>\nNo", False),
+     ("No, yes would be wrong", False), ("I think yes", None), ("Yesterday", None), ("", None)],
+)
+def test_parse_verdict_is_strict(reply, verdict):
+    assert scoring.parse_verdict(reply) is verdict
+
+
+def test_free_form_through_verifier_over_http():
+    from servers import ScriptedServer
+    from p2r_recipe.engines.openai import ChatClient
+
+    def judge(request):
+        user = request["messages"][-1]["content"]
+        assert request["temperature"] == 0 and request["max_tokens"] == 64
+        truth = user.split("Ground truth answer: ")[1].split("\n")[0]
+        pred = user.split("Predicted answer: ")[1].split("\n")[0]
+        return "<think>comparing</think> Yes" if truth.lower() in pred.lower() else "No."
+
+    with ScriptedServer(judge) as server:
+        client = ChatClient(server.base_url, "verifier", name="verifier")
+
+        async def both():
+            return await asyncio.gather(
+                scoring.score_free_form("What animal?", "cat", "a small cat", client.text),
+                scoring.score_free_form("What animal?", "cat", "a dog", client.text),
+            )
+
+        assert asyncio.run(both()) == [1.0, 0.0]
+        assert server.calls == 2
+
+
+def test_unparseable_verdict_is_an_error_not_a_zero():
+    from servers import ScriptedServer
+    from p2r_recipe.engines.openai import ChatClient
+
+    with ScriptedServer(lambda request: "Maybe?") as server:
+        client = ChatClient(server.base_url, "verifier", name="verifier")
+        with pytest.raises(scoring.VerdictError, match="neither yes nor no"):
+            asyncio.run(scoring.score_free_form("q", "cat", "cat", client.text))
