@@ -88,6 +88,21 @@ def process_results(benchmark: Benchmark, doc: dict, results: list[str]) -> dict
     return metrics
 
 
+def bind(benchmark: Benchmark):
+    """The `doc_to_visual`, `doc_to_text` and `process_results` a task's utils.py exposes, bound to one benchmark."""
+
+    def visual(doc):
+        return doc_to_visual(benchmark, doc)
+
+    def text(doc, lmms_eval_specific_kwargs=None):
+        return doc_to_text(benchmark, doc, lmms_eval_specific_kwargs)
+
+    def results(doc, results):
+        return process_results(benchmark, doc, results)
+
+    return visual, text, results
+
+
 def mean_known(values: list[float | None]) -> float | None:
     """Mean over the samples a metric applies to; None (JSON null) when it applies to none."""
     known = [v for v in values if v is not None]

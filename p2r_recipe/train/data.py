@@ -1,0 +1,337 @@
+"""Training data: P2R-10k rows -> OpenRLHF prompt datasets (JSONL) per role; unusable rows are reported, never dropped silently.
+
+A P2R-10k row (verl-style parquet) carries `prompt` (chat messages with `<image>` tags),
+`images` (a list of `{"bytes", "path"}` structs or paths), the ground truth
+(`reward_model.ground_truth`), and `extra_info` with `answer_form` in {mca, na, free_form}
+and the bare `question`. Local parquet/JSONL files of the same shape work too; image
+paths are resolved inside `--image-root`, embedded image bytes are written once under
+`OUT/images/` (named by content hash).
+
+The policy sees a copy of each image fitted to the training pixel budget (`TRAIN_BUDGET`,
+upright RGB, JPEG, under `OUT/images/fitted/`): OpenRLHF sizes images with the checkpoint's
+own processor settings, which for Qwen3-VL allow far more pixels than the release trained
+with (and more image tokens than its 2560-token prompt budget). Evidence is still cut from
+the original (`TrainSample.image`), as in evaluation.
+
+Each output line is `{"prompt": [chat messages], "images": [paths], "label": "<json>",
+"datasource": ...}`: train with `--data.input_key prompt --data.label_key label
+--data.image_key images --data.apply_chat_template`. The label is a `TrainSample`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from p2r_recipe import prompts
+from p2r_recipe.images import TRAIN_BUDGET, ImageError, encode_image, fit_to_budget, load_image
+
+HUB_ID = "hongxingli/P2R-10k"
+ROLES = ("perceiver", "reasoner")
+ANSWER_FORMS = ("mca", "na", "free_form")
+OPTION_LETTERS = "ABCDEFGH"
+# The OpenRLHF flags that read the rows written here (None: a switch without a value).
+OPENRLHF_DATA_FLAGS = {
+    "--data.input_key": "prompt",
+    "--data.label_key": "label",
+    "--data.image_key": "images",
+    "--data.apply_chat_template": None,
+}
+_OPTION_LINE = re.compile(r"(?m)^\s*\(?([A-H])[.):]")
+_BATCH = 256
+
+
+@dataclass
+class TrainSample:
+    """One training question; serialised as the OpenRLHF label (JSON) that rewards and agents read back."""
+
+    id: str
+    question: str
+    answer: str
+    answer_form: str
+    image: str  # absolute path of the original image, which evidence is cut from
+    fitted_image: str = ""  # the copy the policy sees, fitted to the training pixel budget
+    letters: str = "ABCD"  # option letters an mca answer may use
+    datasource: str = "p2r"
+    box_count: int = 0  # stage 2: valid boxes the frozen perceiver reported
+    has_evidence: bool = False  # stage 2: the prompt shows the annotated image and crops
+
+    def to_label(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_label(cls, label: str | dict) -> TrainSample:
+        try:
+            data = json.loads(label) if isinstance(label, str) else dict(label)
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a P2R training label ({exc}): {str(label)[:200]!r}") from None
+
+
+class RowError(ValueError):
+    """Why a source row cannot become a training sample; `code` groups the summary."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+@dataclass
+class Conversion:
+    """The samples a source yielded, and every row it could not use, with the reason."""
+
+    source: str
+    samples: list[TrainSample] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "rows": len(self.samples) + len(self.rejected),
+            "samples": len(self.samples),
+            "answer_forms": dict(Counter(s.answer_form for s in self.samples)),
+            "rejected": len(self.rejected),
+            "rejected_by_reason": dict(Counter(r["reason"] for r in self.rejected)),
+            "rejected_rows": self.rejected,
+        }
+
+
+def read_rows(source: str) -> Iterator[dict | RowError]:
+    """Raw rows of a hub dataset id, a local parquet file or a JSONL file (images left undecoded)."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError as exc:
+                        yield RowError("bad_json", f"line {number}: {exc}")
+        return
+    from datasets import load_dataset
+
+    if path.suffix == ".parquet":
+        dataset = load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(source, split="train")
+    # Arrow batches keep image bytes undecoded, so one corrupt image is one rejected row, not a crash.
+    for batch in dataset.with_format("arrow").iter(batch_size=_BATCH):
+        yield from batch.to_pylist()
+
+
+def _question(row: dict) -> str:
+    extra = row.get("extra_info") or {}
+    for value in (extra.get("question"), row.get("question")):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    messages = row.get("prompt")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    users = [m for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    text = (content or "").replace("<image>", "").strip() if isinstance(content, str) else ""
+    if not text:
+        raise RowError("missing_question", "no extra_info.question and no user text in prompt")
+    return text
+
+
+def _answer(row: dict) -> str:
+    extra = row.get("extra_info") or {}
+    reward_model = row.get("reward_model") or {}
+    for value in (reward_model.get("ground_truth"), row.get("ground_truth"), row.get("answer"), extra.get("answer")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    raise RowError("missing_answer", "no ground truth (reward_model.ground_truth, ground_truth, answer)")
+
+
+def _letters(question: str, answer: str) -> str:
+    """Option letters of an mca question: up to the last option listed, the ground truth's letter, or D."""
+    gold = answer.strip().lstrip("(").upper()[:1]
+    if not gold or gold not in OPTION_LETTERS:
+        raise RowError("bad_choice_answer", f"mca ground truth {answer!r} is not an option letter")
+    listed = _OPTION_LINE.findall(question)
+    last = max([gold, "D", *listed])
+    return OPTION_LETTERS[: OPTION_LETTERS.index(last) + 1]
+
+
+class ImageStore:
+    """Resolves image references (paths stay inside the image root; embedded bytes are written once by
+    content hash) and writes the policy's copy fitted to the training pixel budget."""
+
+    def __init__(self, image_root: str | Path | None, out_dir: Path):
+        self.root = Path(image_root).resolve() if image_root else None
+        self.folder = out_dir.resolve() / "images"
+
+    def files(self, ref: Any) -> tuple[Path, Path]:
+        """The verified original and its fitted copy for one image reference, or RowError."""
+        if isinstance(ref, dict):
+            ref = ref.get("bytes") or ref.get("path")
+        embedded = isinstance(ref, (bytes, bytearray))
+        original = None if embedded else self._inside_root(ref)
+        data = bytes(ref) if embedded else original.read_bytes()
+        try:  # a full decode: truncated files fail here, not in the middle of training
+            fitted = fit_to_budget(load_image(data), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
+        except ImageError as exc:
+            raise RowError("corrupt_image", str(exc)) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if original is None:
+            kind = (Image.open(io.BytesIO(data)).format or "img").lower()
+            original = self._write(self.folder / f"{digest}.{kind}", data)
+        path = self.folder / "fitted" / f"{digest}_{TRAIN_BUDGET.max_pixels}.jpg"
+        return original, path if path.exists() else self._write(path, encode_image(fitted))
+
+    def _inside_root(self, ref: Any) -> Path:
+        if not isinstance(ref, str) or not ref:
+            raise RowError("missing_image", f"unusable image reference {str(ref)[:80]!r}")
+        if self.root is None:
+            raise RowError("missing_image", f"{ref!r} is a path but no --image-root was given")
+        path = (self.root / ref).resolve()
+        if not path.is_relative_to(self.root):
+            raise RowError("image_outside_root", f"{ref!r} resolves outside the image root {self.root}")
+        if not path.is_file():
+            raise RowError("missing_image", f"{path} does not exist")
+        return path
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> Path:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return path
+
+
+def to_sample(row: dict, index: int, store: ImageStore) -> TrainSample:
+    """One P2R-10k row as a TrainSample, or RowError saying why it cannot be used."""
+    if not isinstance(row, dict):
+        raise RowError("bad_row", f"row is a {type(row).__name__}, not an object")
+    extra = row.get("extra_info") or {}
+    form = str(extra.get("answer_form") or row.get("answer_form") or "").strip().lower()
+    if form not in ANSWER_FORMS:
+        raise RowError("unknown_answer_form", f"answer_form {form!r} is not one of {ANSWER_FORMS}")
+    question, answer = _question(row), _answer(row)
+    letters = _letters(question, answer) if form == "mca" else "ABCD"
+    refs = row.get("images", row.get("image"))
+    refs = refs if isinstance(refs, list) else [refs] if refs is not None else []
+    if len(refs) != 1:
+        # P2R perceives one image; the evidence rules are defined for exactly one.
+        raise RowError("image_count", f"expected 1 image, got {len(refs)}")
+    original, fitted = store.files(refs[0])
+    sample_id = extra.get("index", row.get("id", index))
+    return TrainSample(
+        id=str(sample_id), question=question, answer=answer, answer_form=form, image=str(original),
+        fitted_image=str(fitted), letters=letters, datasource=str(row.get("data_source") or "p2r"),
+    )  # fmt: skip
+
+
+def convert(source: str, out_dir: str | Path, image_root: str | Path | None = None, workers: int | None = None) -> Conversion:
+    """Read and verify every row of `source` (images fully decoded, in parallel), in source order."""
+    store = ImageStore(image_root, Path(out_dir))
+    result = Conversion(source)
+
+    def one(item: tuple[int, dict | RowError]) -> TrainSample | dict:
+        index, row = item
+        try:
+            if isinstance(row, RowError):
+                raise row
+            return to_sample(row, index, store)
+        except RowError as exc:
+            ident = (row.get("extra_info") or {}).get("index", row.get("id")) if isinstance(row, dict) else None
+            return {"row": index, "id": None if ident is None else str(ident), "reason": exc.code, "detail": exc.detail}
+
+    rows = enumerate(read_rows(source))
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool, tqdm(desc="rows", unit="row") as bar:
+        while batch := list(itertools.islice(rows, _BATCH)):
+            for outcome in pool.map(one, batch):
+                (result.samples if isinstance(outcome, TrainSample) else result.rejected).append(outcome)
+                bar.update()
+    return result
+
+
+def prompt_row(sample: TrainSample, text: str, images: list[str]) -> dict:
+    """One OpenRLHF prompt-dataset line: chat messages with an image placeholder per image, paths, label."""
+    messages = prompts.Prompt(text, images=images).messages()
+    return {"prompt": messages, "images": images, "label": sample.to_label(), "datasource": sample.datasource}
+
+
+def perceiver_row(sample: TrainSample) -> dict:
+    return prompt_row(sample, prompts.perceive_text(sample.question, training=True), [sample.fitted_image or sample.image])
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write all lines to a temporary file, then rename: readers never see half a dataset."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p2r_recipe.train.data", description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=ROLES, required=True)
+    parser.add_argument("--source", default=HUB_ID, help=f"hub dataset id, .parquet or .jsonl (default {HUB_ID})")
+    parser.add_argument("--image-root", help="folder that image paths in the source are relative to")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--workers", type=int, help="image-verification threads")
+    parser.add_argument("--cache", type=Path, help="reasoner role: perceiver cache (default OUT/perceiver_cache.jsonl)")
+    args = parser.parse_args(argv)
+
+    conversion = convert(args.source, args.out, args.image_root, args.workers)
+    summary = {"role": args.role, "conversion": conversion.summary()}
+    if args.role == "perceiver":
+        output = write_jsonl(args.out / "perceiver.jsonl", map(perceiver_row, conversion.samples))
+        summary["output"], summary["written"] = str(output), len(conversion.samples)
+        code = 0
+    else:
+        from p2r_recipe.train.precompute import PrecomputeStopped, run
+        from p2r_recipe.train.services import ServiceConfig
+
+        try:
+            summary["evidence"] = run(conversion.samples, args.out, ServiceConfig.from_env("perceiver"), args.cache)
+            code = 0
+        except PrecomputeStopped as exc:
+            summary["stopped"], code = str(exc), 1
+            print(exc, file=sys.stderr)
+    path = write_json(args.out / f"summary_{args.role}.json", summary)
+    counts = summary["conversion"]
+    print(
+        f"{counts['samples']} samples, {counts['rejected']} rejected {counts['rejected_by_reason']}; summary: {path}",
+        file=sys.stderr,
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

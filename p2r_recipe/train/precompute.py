@@ -1,0 +1,239 @@
+"""Stage-2 evidence, computed once: the frozen perceiver's boxes for every sample, evidence images on disk, reasoner prompts.
+
+The perceiver service is asked once per (image content, question, perceiver model),
+concurrently with a bound, and each answer is appended to a JSONL cache (flushed and
+fsync'd) as it arrives: a re-run makes no service calls for cached samples, and a killed
+run loses only the requests in flight. Evidence images (annotated + crops, fitted to the
+training pixel budget) are written once per cache key under `OUT/evidence/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from p2r_recipe import prompts
+from p2r_recipe.engines.openai import (
+    ChatClient,
+    RequestRejected,
+    ServiceUnavailable,
+    image_part,
+    run_sync,
+)
+from p2r_recipe.evidence import gather_evidence
+from p2r_recipe.images import (
+    TRAIN_BUDGET,
+    ImageError,
+    PixelBudget,
+    encode_image,
+    fit_to_budget,
+    load_image,
+)
+from p2r_recipe.journal import Journal
+from p2r_recipe.train.data import TrainSample, prompt_row, write_json, write_jsonl
+from p2r_recipe.train.services import ServiceConfig
+
+# Greedy, so the cached boxes are the frozen perceiver's answer, not one draw of it;
+# 1024 tokens is the perceiver's response budget in training.
+PERCEIVE_PARAMS = {"temperature": 0.0, "max_tokens": 1024}
+EVIDENCE_NAMES = ("annotated", "crop1", "crop2", "crop3")
+_MANIFEST = "evidence.json"
+
+
+class PrecomputeStopped(RuntimeError):
+    """The perceiver service went down; the message says how far the run got and that the cache keeps it."""
+
+
+def image_digest(path: str | Path) -> str:
+    """sha256 of an image file's bytes: the cache keys on content, not on where the file lives."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(digest: str, question: str, model: str) -> str:
+    return hashlib.sha256(json.dumps([digest, question, model]).encode()).hexdigest()
+
+
+@dataclass
+class EvidenceFiles:
+    """The evidence written for one cache key (no files: the reasoner sees the original image)."""
+
+    box_count: int
+    has_evidence: bool
+    files: list[str]
+
+
+def _perceive_messages(sample: TrainSample, budget: PixelBudget) -> list[dict]:
+    image = fit_to_budget(load_image(sample.fitted_image or sample.image), budget.max_pixels, budget.min_pixels, budget.factor)
+    prompt = prompts.Prompt(prompts.perceive_text(sample.question, training=True), [image])
+    return prompt.messages([image_part(image)])
+
+
+async def _perceive(
+    todo: dict[str, TrainSample], client: ChatClient, cache: Journal, budget: PixelBudget
+) -> dict[str, str]:
+    """Ask the perceiver for every sample in `todo`; returns per-key failures. Raises ServiceUnavailable on an outage."""
+    failures: dict[str, str] = {}
+    gate = asyncio.Semaphore(client.concurrency)  # also bounds how many decoded images are in memory
+    bar = tqdm(total=len(todo), desc="perceiver", unit="sample")
+
+    async def one(key: str, sample: TrainSample) -> None:
+        async with gate:
+            try:
+                messages = await asyncio.to_thread(_perceive_messages, sample, budget)
+                output = await client.text(messages, **PERCEIVE_PARAMS)
+            except (ImageError, RequestRejected) as exc:
+                failures[key] = str(exc)
+            else:
+                await asyncio.to_thread(cache.add, key, output, id=sample.id)
+            bar.update()
+
+    tasks = [asyncio.ensure_future(one(key, sample)) for key, sample in todo.items()]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        bar.close()
+    return failures
+
+
+def _evidence(folder: Path, sample: TrainSample, output: str, budget: PixelBudget) -> EvidenceFiles:
+    """Build (or reuse) the evidence images of one cache key."""
+    manifest = folder / _MANIFEST
+    if manifest.exists():
+        return EvidenceFiles(**json.loads(manifest.read_text()))
+    evidence = gather_evidence(load_image(sample.image), output)
+    files = []
+    if evidence.has_evidence:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (name, image) in enumerate(zip(EVIDENCE_NAMES, evidence.images)):
+            fitted = fit_to_budget(image, budget.for_image(i), budget.min_pixels, budget.factor)
+            path = folder / f"{name}.jpg"
+            path.write_bytes(encode_image(fitted))
+            files.append(str(path.resolve()))
+    result = EvidenceFiles(len(evidence.boxes), evidence.has_evidence, files)
+    # Written last and atomically: its presence means the folder is complete.
+    write_json(manifest.with_suffix(".tmp"), result.__dict__).replace(manifest)
+    return result
+
+
+def run(
+    samples: list[TrainSample],
+    out_dir: str | Path,
+    perceiver: ServiceConfig,
+    cache_path: str | Path | None = None,
+    budget: PixelBudget = TRAIN_BUDGET,
+    workers: int | None = None,
+) -> dict:
+    """Write `OUT/reasoner.jsonl` for the samples and return the summary; raises PrecomputeStopped on an outage."""
+    out_dir = Path(out_dir)
+    cache = Journal(cache_path or out_dir / "perceiver_cache.jsonl")
+    client = perceiver.client()
+    failures: list[dict] = []
+
+    def key_of(sample: TrainSample) -> str | None:
+        try:
+            return cache_key(image_digest(sample.image), sample.question, perceiver.model)
+        except OSError as exc:
+            failures.append({"id": sample.id, "reason": f"image: {exc}"})
+            return None
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        keys = list(tqdm(pool.map(key_of, samples), total=len(samples), desc="hashing", unit="image"))
+        first = {}  # samples sharing a key (same image and question) share one request and one evidence folder
+        for key, sample in zip(keys, samples):
+            if key is not None:
+                first.setdefault(key, sample)
+        cached_before = sum(1 for key in first if key in cache)
+        todo = {key: sample for key, sample in first.items() if key not in cache}
+        try:
+            problems = run_sync(_perceive(todo, client, cache, budget))
+        except ServiceUnavailable as exc:
+            done = sum(1 for key in keys if key in cache)
+            raise PrecomputeStopped(
+                f"{exc}\nStopped: the {perceiver.name} service ({perceiver.base_url}, model {perceiver.model!r}) is down; "
+                f"{done}/{len(samples)} samples have their perceiver output saved in {cache.path}. "
+                "Start the service and re-run the same command to resume."
+            ) from None
+
+        def evidence_of(key: str) -> EvidenceFiles | str:
+            try:
+                return _evidence(out_dir / "evidence" / key[:2] / key, first[key], cache.get(key), budget)
+            except ImageError as exc:
+                return f"image: {exc}"
+
+        ready = [key for key in first if key in cache]
+        built = dict(zip(ready, tqdm(pool.map(evidence_of, ready), total=len(ready), desc="evidence", unit="sample")))
+        problems.update((key, result) for key, result in built.items() if isinstance(result, str))
+
+    rows, histogram, no_evidence = [], Counter(), 0
+    for key, sample in zip(keys, samples):
+        if key is None:
+            continue
+        result = built.get(key)
+        if not isinstance(result, EvidenceFiles):
+            failures.append({"id": sample.id, "reason": problems[key]})
+            continue
+        histogram[result.box_count] += 1
+        no_evidence += not result.has_evidence
+        labelled = replace(sample, box_count=result.box_count, has_evidence=result.has_evidence)
+        text = prompts.reason_text(sample.question, sample.answer_form, result.has_evidence, training=True)
+        rows.append(prompt_row(labelled, text, result.files or [sample.fitted_image or sample.image]))
+    output = write_jsonl(out_dir / "reasoner.jsonl", rows)
+    return {
+        "output": str(output),
+        "samples": len(samples),
+        "written": len(rows),
+        "perceiver": {"url": perceiver.base_url, "model": perceiver.model},
+        "service_calls": client.stats["requests"],
+        "cached_before": cached_before,
+        "cache": str(cache.path),
+        "box_count_histogram": {str(n): histogram[n] for n in sorted(histogram)},
+        "no_evidence": no_evidence,
+        "failed": len(failures),
+        "failures": failures,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p2r_recipe.train.precompute", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, type=Path, help="perceiver.jsonl from `p2r_recipe.train.data --role perceiver`")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--cache", type=Path, help="perceiver cache (default OUT/perceiver_cache.jsonl)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight (default $P2R_CONCURRENCY or 64)")
+    args = parser.parse_args(argv)
+
+    with args.input.open(encoding="utf-8") as lines:
+        samples = [TrainSample.from_label(json.loads(line)["label"]) for line in lines if line.strip()]
+    perceiver = ServiceConfig.from_env("perceiver")
+    if args.concurrency:
+        perceiver = replace(perceiver, concurrency=args.concurrency)
+    try:
+        summary = run(samples, args.out, perceiver, args.cache)
+    except PrecomputeStopped as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    path = write_json(args.out / "summary_precompute.json", summary)
+    print(
+        f"{summary['written']}/{summary['samples']} reasoner prompts, {summary['failed']} failed; summary: {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
