@@ -40,9 +40,12 @@ def parser(role: str, doc: str) -> argparse.ArgumentParser:
         "--output-dir", help="final HF checkpoint dir (checkpoints/ and tensorboard/ inside); wins over --set"
     )
     cli.add_argument(
-        "--agent",
+        "--reward-func",
         action="store_true",
-        help="reward through the OpenRLHF agent (p2r_recipe/train/agent.py) instead of reward_func",
+        help="reward through reward_func (p2r_recipe/train/reward.py, --reward.remote_url) instead of the agent "
+        "(p2r_recipe/train/agent.py). The agent is the default because OpenRLHF 0.11.2 logs a reward_func's "
+        "exception at INFO and goes on without a reward, so a service outage ends training with an unrelated "
+        "error; the agent stops it with our message naming the service",
     )
     cli.add_argument(
         "--dry-run", action="store_true", help="print the OpenRLHF command and exit; checks nothing, starts nothing"
@@ -196,8 +199,10 @@ def main(role: str, doc: str, argv: list[str] | None = None, joint: bool = False
     expected = "joint" if use_joint else role
     if config.role != expected:
         cli.error(f"{name} is a {config.role} config; this launcher trains the {expected} role")
+    if args.reward_func and config.role == "joint":
+        cli.error("--reward-func: the joint role is a two-turn agent; it has no reward_func form")
 
-    command = build_command(config, agent=args.agent)
+    command = build_command(config, agent=not args.reward_func)
     if args.dry_run:
         print(command.shell())
         return 0

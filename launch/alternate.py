@@ -61,7 +61,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     base = args.base or perceiver.pretrain
     data = args.data or perceiver.dataset
     train_env = {"CUDA_VISIBLE_DEVICES": args.train_gpus} if args.train_gpus else {}
-    common = [f"--set={o}" for o in args.overrides] + (["--agent"] if args.agent else [])
+    common = [f"--set={o}" for o in args.overrides] + (["--reward-func"] if args.reward_func else [])
     stages, model = [], base
     for k in range(1, args.rounds + 1):
         # One stage-2 folder per round: the precompute cache keys on the served name, which stays "perceiver".
@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for both stages"
     )
-    cli.add_argument("--agent", action="store_true", help="both stages reward through the OpenRLHF agent")
+    cli.add_argument(
+        "--reward-func", action="store_true", help="both stages reward through reward_func instead of the agent"
+    )
     cli.add_argument("--train-gpus", help="CUDA_VISIBLE_DEVICES for training (default: inherited)")
     cli.add_argument(
         "--service-gpus", help="CUDA_VISIBLE_DEVICES for the served reasoner/perceiver (default: inherited)"

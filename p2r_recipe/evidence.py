@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
 MAX_CROPS = 3
 PLACEHOLDER_LABEL = "description"
-# One object holding a "bbox_2d" list, found inside prose or code fences.
-_OBJECT = re.compile(r'\{[^{}]*"bbox_2d"\s*:\s*\[[^\[\]{}]*\][^{}]*\}')
+# A brace-free object, found inside prose or code fences. Each match ends at the next brace,
+# so scanning stays linear in the text's length even for megabytes of unclosed objects.
+_OBJECT = re.compile(r"\{[^{}]*\}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,27 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (NaN, infinities, ints beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _box(obj: Any) -> Box | None:
     if not isinstance(obj, dict):
         return None
     coords = obj.get("bbox_2d")
     if not isinstance(coords, list) or len(coords) != 4:
         return None
-    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coords):
+    numbers = [_finite(c) for c in coords]
+    if None in numbers:
         return None
-    x1, y1, x2, y2 = (min(1000.0, max(0.0, float(c))) for c in coords)
+    x1, y1, x2, y2 = (min(1000.0, max(0.0, c)) for c in numbers)
     if not (x1 < x2 and y1 < y2):
         return None
     label = obj.get("label", "")
@@ -77,6 +90,8 @@ def _objects(text: str) -> list[Any]:
         return parsed
     objects = []
     for match in _OBJECT.finditer(text):
+        if '"bbox_2d"' not in match.group(0):
+            continue
         try:
             objects.append(json.loads(match.group(0)))
         except (ValueError, RecursionError):

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
+import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 # PIL's own decompression-bomb threshold (89 MP); HR-Bench 8K images are 33 MP.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 MAX_ASPECT_RATIO = 200
 # Qwen3-VL: 16-pixel patches merged 2x2, so image sides are multiples of 32.
 QWEN_FACTOR = 32
+# Below this many pixels a resize is too quick to be worth splitting across threads.
+_SPLIT_MIN_PIXELS = 1 << 20
+_RESIZE_THREADS = min(8, os.cpu_count() or 1)
+_resize_pool = ThreadPoolExecutor(_RESIZE_THREADS, thread_name_prefix="p2r-resize") if _RESIZE_THREADS > 1 else None
 
 
 class ImageError(ValueError):
@@ -62,7 +70,45 @@ def fit_to_budget(image: Image.Image, max_pixels: int, min_pixels: int, factor: 
     h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
     if (w, h) == image.size:
         return image
-    return image.resize((w, h), Image.Resampling.BICUBIC)
+    return resize_bicubic(image, (w, h))
+
+
+def resize_bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Exactly `image.resize(size, BICUBIC)`, split across threads for large RGB images.
+
+    Pillow resizes in two passes: the horizontal pass maps each row on its own and the
+    vertical pass each column on its own, with weights that depend only on the whole
+    image's sizes. Row bands (horizontal pass) and column strips (vertical pass) resized
+    separately therefore give the same bytes, and Pillow releases the GIL while it resamples.
+    """
+    width, height = size
+    # Pillow >= 13 runs the vertical pass first when the height shrinks more than twice as much
+    # as the width; the split runs horizontal first, so that two-pass case stays one call.
+    vertical_first = width != image.width and image.height - height > max(0, 2 * (image.width - width))
+    small = max(image.width, width) * max(image.height, height) < _SPLIT_MIN_PIXELS
+    if _resize_pool is None or image.mode != "RGB" or small or vertical_first:
+        return image.resize(size, Image.Resampling.BICUBIC)
+    if width != image.width:
+        image = _in_parts(image, (width, image.height), rows=True)
+    if height != image.height:
+        image = _in_parts(image, (width, height), rows=False)
+    return image
+
+
+def _in_parts(image: Image.Image, size: tuple[int, int], rows: bool) -> Image.Image:
+    """One resampling pass (horizontal when `rows`, else vertical), one band of rows or strip of columns per thread."""
+    extent = image.height if rows else image.width
+    cuts = [extent * i // _RESIZE_THREADS for i in range(_RESIZE_THREADS + 1)]
+
+    def part(lo: int, hi: int) -> Image.Image:
+        if rows:
+            return image.crop((0, lo, image.width, hi)).resize((size[0], hi - lo), Image.Resampling.BICUBIC)
+        return image.crop((lo, 0, hi, image.height)).resize((hi - lo, size[1]), Image.Resampling.BICUBIC)
+
+    out = Image.new(image.mode, size)
+    for lo, piece in zip(cuts, _resize_pool.map(part, cuts[:-1], cuts[1:])):
+        out.paste(piece, (0, lo) if rows else (lo, 0))
+    return out
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -92,7 +138,7 @@ def load_image(source: Any) -> Image.Image:
         if not data:
             raise ImageError("empty image file")
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _strict_decoding():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
                 _check_size(image.width, image.height)
@@ -109,6 +155,30 @@ def load_image(source: Any) -> Image.Image:
         return to_rgb(image)
     except Exception as exc:
         raise ImageError(f"unsupported image mode {image.mode}: {exc}") from None
+
+
+_strict_lock = threading.Lock()
+_strict_users = 0
+_tolerant_setting = False
+
+
+@contextlib.contextmanager
+def _strict_decoding():
+    """Truncated files fail here even where a library made PIL pad them process-wide (lmms-eval sets
+    ImageFile.LOAD_TRUNCATED_IMAGES at import): a half-grey image must be an error, not an input.
+    The setting is restored when the last concurrent load ends."""
+    global _strict_users, _tolerant_setting
+    with _strict_lock:
+        if _strict_users == 0:
+            _tolerant_setting, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        _strict_users += 1
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _tolerant_setting
 
 
 def _check_size(width: int, height: int) -> None:

@@ -41,7 +41,8 @@ class Journal:
 
     def add(self, key: str, value: Any, **meta: Any) -> None:
         """Record `value` under `key`; `meta` is written beside it for people reading the file."""
-        line = json.dumps({"key": key, **meta, "value": value}, ensure_ascii=False) + "\n"
+        # ASCII escapes: a model can write a lone surrogate (\ud800), which UTF-8 cannot encode.
+        line = json.dumps({"key": key, **meta, "value": value}) + "\n"
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as file:

@@ -86,11 +86,23 @@ class Pipeline:
         if self.mode == "p2r":
             evidence = self._perceive(samples, records, images)
         live = list(evidence) if self.mode == "p2r" else list(images)
-        final = [self._final_prompt(samples[i], images[i], evidence.get(i)) for i in live]
-        self._generate(final, [records[i] for i in live], self.params, "raw_answer")
-        for i in live:
+        final = self._build(live, records, lambda i: self._final_prompt(samples[i], images[i], evidence.get(i)))
+        self._generate(list(final.values()), [records[i] for i in final], self.params, "raw_answer")
+        for i in final:
             self._extract(samples[i], records[i])
         return records
+
+    @staticmethod
+    def _build(live: list[int], records: list[Record], prompt_of) -> dict[int, prompts.Prompt]:
+        """Each live sample's prompt; one whose image cannot be fitted to the pixel budget (aspect
+        ratio over 200, e.g. a crop of an extreme panorama) gets that error instead."""
+        built = {}
+        for i in live:
+            try:
+                built[i] = prompt_of(i)
+            except ImageError as exc:
+                records[i].error = f"image: {exc}"
+        return built
 
     def _load(self, samples: list[Sample], records: list[Record]) -> dict[int, list[Image.Image]]:
         images = {}
@@ -105,11 +117,13 @@ class Pipeline:
 
     def _perceive(self, samples, records, images) -> dict[int, Evidence]:
         """Batched perceive pass; returns the evidence of every sample that got through it."""
-        live = list(images)
-        batch = [prompts.Prompt(prompts.perceive_text(samples[i].question), _fit(images[i][:1], self.budget)) for i in live]
-        self._generate(batch, [records[i] for i in live], self.perceive_params, "perceiver_output")
+        def perceive_prompt(i: int) -> prompts.Prompt:
+            return prompts.Prompt(prompts.perceive_text(samples[i].question), _fit(images[i][:1], self.budget))
+
+        batch = self._build(list(images), records, perceive_prompt)
+        self._generate(list(batch.values()), [records[i] for i in batch], self.perceive_params, "perceiver_output")
         evidence = {}
-        for i in live:
+        for i in batch:
             record = records[i]
             if record.error is None:
                 found = evidence[i] = gather_evidence(images[i][0], record.perceiver_output or "")

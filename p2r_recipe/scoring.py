@@ -22,11 +22,20 @@ ANSWER_PREFIXES = (
     "The correct answer",
     "The correct option",
 )
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# Two searches, not one lazy pattern: `<answer>(.*?)</answer>` rescans the rest of the text from
+# every unclosed tag, minutes for a megabyte of them.
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 
 # Longer "numbers" are not numbers; sympy could spend minutes on a hostile power tower.
 MAX_MATH_CHARS = 100
+# Even a short answer explodes through powers and factorials: math-verify computes exact values,
+# 9^{9^{9}} has 370 million digits, and off the main thread (rewards) no timeout can stop it. So a
+# prediction may hold one power with an exponent of at most 4 digits, and nothing factorial-like.
+_POWER = re.compile(r"\^|\*\*")
+_SMALL_POWER = re.compile(r"(?:\^|\*\*)\s*\{?\s*-?\d{1,4}\s*\}?(?![\d.])")
+_FACTORIAL_LIKE = re.compile(r"!|binom|choose|gamma|factorial|\\exp|exp\(", re.IGNORECASE)
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 VERIFIER_SYSTEM = "You are a helpful grading assistant."
@@ -44,8 +53,9 @@ def answer_text(output: str, mode: str) -> str | None:
     (None when there are none), the whole output for the default mode."""
     if mode == "default":
         return output.strip()
-    match = _ANSWER_TAG.search(output)
-    return match.group(1).strip() if match else None
+    opened = _ANSWER_OPEN.search(output)
+    closed = opened and _ANSWER_CLOSE.search(output, opened.end())
+    return output[opened.end() : closed.start()].strip() if closed else None
 
 
 def extract_choice(text: str, letters: str = "ABCD") -> str:
@@ -79,7 +89,7 @@ def numbers_equal(prediction: str, ground_truth: str) -> bool:
     pred, gold = _number(prediction), _number(ground_truth)
     if pred is not None and gold is not None:
         return math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-9)
-    if len(prediction) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS:
+    if len(prediction) > MAX_MATH_CHARS or len(ground_truth) > MAX_MATH_CHARS or _explosive(prediction):
         return False
     from math_verify import parse, verify
 
@@ -93,6 +103,12 @@ def numbers_equal(prediction: str, ground_truth: str) -> bool:
         return bool(verify(parsed(ground_truth), parsed(prediction), timeout_seconds=timeout))
     except Exception:
         return False
+
+
+def _explosive(text: str) -> bool:
+    """Whether math-verify could be led to compute an astronomically large exact value."""
+    powers = len(_POWER.findall(text))
+    return bool(_FACTORIAL_LIKE.search(text)) or powers > 1 or (powers == 1 and not _SMALL_POWER.search(text))
 
 
 def score_choice(prediction: str, ground_truth: str, letters: str = "ABCD") -> float:

@@ -189,8 +189,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse(raw: bytes, served_name: str) -> tuple[Prompt, GenParams]:
     try:
         body = json.loads(raw)
-    except ValueError as exc:
-        raise APIError(400, f"body is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
+        raise APIError(400, f"body is not JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "body must be a JSON object")
     if body.get("model", served_name) != served_name:

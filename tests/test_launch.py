@@ -134,16 +134,17 @@ def parse_with_openrlhf(argv_lists: list[list[str]]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_openrlhf_parser_accepts_both_roles_and_the_agents():
+def test_openrlhf_parser_accepts_both_roles_with_the_agent_or_reward_func():
     configs = {role: load_config(CONFIGS / f"{role}_4b.yaml") for role in ("perceiver", "reasoner", "joint")}
     cases = [
         openrlhf_args(configs["perceiver"]),
         openrlhf_args(configs["reasoner"]),
-        openrlhf_args(configs["perceiver"], agent=True),
+        openrlhf_args(configs["perceiver"], agent=False),  # the launchers' --reward-func
+        openrlhf_args(configs["reasoner"], agent=False),
         openrlhf_args(configs["joint"]),  # the joint role always runs the agent
         openrlhf_args(configs["perceiver"]) + ["--algo.kl.coef", "0.01"],  # a wrong flag name
     ]
-    perceiver, reasoner, agent, joint, wrong = parse_with_openrlhf(cases)
+    perceiver, reasoner, perceiver_func, reasoner_func, joint, wrong = parse_with_openrlhf(cases)
 
     for args, role in ((perceiver, "perceiver"), (reasoner, "reasoner")):
         _, response, total = LENGTHS[role]
@@ -163,16 +164,20 @@ def test_openrlhf_parser_accepts_both_roles_and_the_agents():
             "label",
             "images",
         )
-        assert args["reward"]["remote_url"] == [str(REWARD_FILE.resolve())] and args["train"]["agent_func_path"] is None
         assert args["critic"]["model_name_or_path"] is None  # GRPO: no critic
     assert perceiver["data"]["max_images_per_prompt"] == 1 and reasoner["data"]["max_images_per_prompt"] == 4
     assert perceiver["actor"]["model_name_or_path"] == BASE_MODEL
     assert reasoner["actor"]["model_name_or_path"] == "runs/perceiver_4b"  # not built here, so left relative
     assert perceiver["ckpt"]["output_dir"] == str(ROOT / "runs/perceiver_4b")
-    for args in (agent, joint):
+    for args in (perceiver, reasoner, joint):
         assert args["train"]["agent_func_path"] == str(AGENT_FILE.resolve()) and args["reward"]["remote_url"] == [
             "agent"
         ]
+    for args, default in ((perceiver_func, perceiver), (reasoner_func, reasoner)):
+        assert args["reward"]["remote_url"] == [str(REWARD_FILE.resolve())] and args["train"]["agent_func_path"] is None
+        # Only the reward flags differ from the agent run.
+        assert {**args, "reward": None, "train": None} == {**default, "reward": None, "train": None}
+        assert {**args["train"], "agent_func_path": None} == {**default["train"], "agent_func_path": None}
     assert joint["data"]["max_len"] == 12288 and joint["data"]["max_images_per_prompt"] == 5
     assert wrong["exit"] == 2 and "unrecognized arguments: --algo.kl.coef" in wrong["stderr"]
 
@@ -183,12 +188,14 @@ def test_command_environment_local_and_on_a_ray_cluster():
     local = build_command(config, env=env)
     assert local.argv[1:3] == ["-m", "openrlhf.cli.train_ppo_ray"]
     assert local.env == {
-        "P2R_TIMEOUT_S": "60", "P2R_ROLE": "perceiver",
+        "P2R_TIMEOUT_S": "60", "P2R_ROLE": "perceiver", "P2R_AGENT": "role",
         "REASONER_HOST": "127.0.0.1", "REASONER_PORT": "19001", "REASONER_MODEL": "reasoner", "REASONER_API_KEY": "s3cret",
         "VERIFIER_HOST": "127.0.0.1", "VERIFIER_PORT": "18903", "VERIFIER_MODEL": "verifier", "RAY_ADDRESS": "local",
     }  # fmt: skip
     assert "s3cret" not in local.shell() and "REASONER_API_KEY=***" in local.shell()
     assert local.process_env(env) == {"HOME": "/h", **local.env}  # deepspeed's RANK stays behind
+    reward_func = build_command(config, agent=False, env=env)
+    assert reward_func.env == {k: v for k, v in local.env.items() if k != "P2R_AGENT"}
 
     joint = build_command(load_config(CONFIGS / "joint_4b.yaml"), env={})
     assert (joint.env["P2R_AGENT"], joint.env["P2R_ROLE"]) == ("joint", "reasoner") and "REASONER_PORT" not in joint.env
@@ -207,17 +214,21 @@ def test_dry_runs_print_the_command_for_both_roles():
     env = clean_env(VERIFIER_API_KEY="s3cret", VERIFIER_PORT="19003")
     out = launcher("train_perceiver.py", "--dry-run", "--set", "learning_rate=3e-6", env=env)
     assert out.returncode == 0, out.stderr
-    assert "-m openrlhf.cli.train_ppo_ray" in out.stdout and "P2R_ROLE=perceiver" in out.stdout
-    assert f"--reward.remote_url {REWARD_FILE.resolve()}" in out.stdout and "--actor.adam.lr 3e-06" in out.stdout
+    assert "-m openrlhf.cli.train_ppo_ray" in out.stdout and "P2R_ROLE=perceiver P2R_AGENT=role" in out.stdout
+    assert f"--train.agent_func_path {AGENT_FILE.resolve()}" in out.stdout and "--reward.remote_url" not in out.stdout
+    assert "--actor.adam.lr 3e-06" in out.stdout
     assert "VERIFIER_PORT=19003" in out.stdout and "VERIFIER_API_KEY=***" in out.stdout and "s3cret" not in out.stdout
 
     out = launcher(
-        "train_reasoner.py", "--dry-run", "--agent", "--config", "reasoner_8b", "--pretrain", "/ckpt/p1", env=env
+        "train_reasoner.py", "--dry-run", "--reward-func", "--config", "reasoner_8b", "--pretrain", "/ckpt/p1", env=env
     )
     assert out.returncode == 0, out.stderr
-    assert "P2R_ROLE=reasoner P2R_AGENT=role" in out.stdout and "REASONER_PORT" not in out.stdout
+    assert "P2R_ROLE=reasoner" in out.stdout and "P2R_AGENT" not in out.stdout and "REASONER_PORT" not in out.stdout
     assert "--actor.model_name_or_path /ckpt/p1" in out.stdout and "--data.max_len 12288" in out.stdout
-    assert f"--train.agent_func_path {AGENT_FILE.resolve()}" in out.stdout
+    assert f"--reward.remote_url {REWARD_FILE.resolve()}" in out.stdout and "--train.agent_func_path" not in out.stdout
+
+    out = launcher("train_perceiver.py", "--dry-run", "--joint", "--reward-func", env=env)
+    assert out.returncode == 2 and "the joint role is a two-turn agent" in out.stderr
 
     out = launcher("train_reasoner.py", "--dry-run", "--config", "perceiver_4b", env=env)
     assert (
@@ -231,7 +242,7 @@ def test_alternate_dry_run_prints_every_round(tmp_path):
     (run_dir / "round1" / "perceiver").mkdir(parents=True)
     (run_dir / "round1" / "perceiver" / "config.json").write_text("{}")  # stage 1 of round 1 already trained
     argv = [sys.executable, LAUNCH / "alternate.py", "--rounds", "2", "--run-dir", run_dir, "--service-gpus", "4",
-            "--train-gpus", "0,1,2,3", "--set", "save_steps=10", "--dry-run"]  # fmt: skip
+            "--train-gpus", "0,1,2,3", "--set", "save_steps=10", "--reward-func", "--dry-run"]  # fmt: skip
     out = run(argv, clean_env())
     assert out.returncode == 0, out.stderr
     titles = [line for line in out.stdout.splitlines() if line.startswith("# ")]
@@ -244,7 +255,8 @@ def test_alternate_dry_run_prints_every_round(tmp_path):
     assert any(f"start_perceiver_server.sh {r2 / 'perceiver'}" in line for line in lines)
     assert any(f"--out {r2 / 'stage2'}" in line for line in lines)
     train2 = next(line for line in lines if "train_reasoner.py" in line and str(r2) in line)
-    assert train2.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3 ") and "--set=save_steps=10" in train2
+    assert train2.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3 ") and "--set=save_steps=10 --reward-func" in train2
+    assert all("--reward-func" in line for line in lines if "train_perceiver.py" in line)
     assert f"--dataset {r2 / 'stage2' / 'reasoner.jsonl'}" in train2 and f"--output-dir {r2 / 'reasoner'}" in train2
 
 

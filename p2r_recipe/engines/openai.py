@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import threading
 import time
-from collections.abc import Coroutine
+import weakref
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 from PIL import Image
 from tqdm import tqdm
 
@@ -47,10 +49,24 @@ class ChatReply:
     output_tokens: int = 0
 
 
+# Connection refused/reset, a broken reply, or no reply within the timeout.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
 @dataclass
 class _LoopState:
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
+    # Requests wait here rather than in the connector's queue, where aiohttp's timeout would already run.
     slots: asyncio.Semaphore
+    closer: AsyncGenerator[None, None]
+
+
+async def _closing(http: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Stays suspended while its loop lives: `asyncio.run` finalises async generators as it ends, closing `http`."""
+    try:
+        yield
+    finally:
+        await http.close()
 
 
 class ChatClient:
@@ -84,29 +100,38 @@ class ChatClient:
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "waited_s": 0.0}
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
+        # A client dropped without `close()` (e.g. with an exception's traceback) still closes its
+        # sessions on the loops that keep running, such as run_sync's, before aiohttp warns of them.
+        weakref.finalize(self, _close_sessions, self._loops).atexit = False
 
     def __repr__(self) -> str:
         return f"ChatClient({self.name!r}, {self.base_url!r}, model={self.model!r})"
 
-    def _state(self) -> _LoopState:
+    async def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         with self._lock:
             state = self._loops.get(loop)
-            if state is None:
-                # Forget loops that `asyncio.run` has closed; their sockets close when collected.
-                self._loops = {old: st for old, st in self._loops.items() if not old.is_closed()}
-                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-                http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits, timeout=self.timeout_s)
-                state = self._loops[loop] = _LoopState(http, asyncio.Semaphore(self.concurrency))
-            return state
+            if state is not None:
+                return state
+            # Forget loops that have closed; `asyncio.run` closed their sessions on its way out.
+            for old in [old for old in self._loops if old.is_closed()]:
+                del self._loops[old]
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            )
+            state = self._loops[loop] = _LoopState(http, asyncio.Semaphore(self.concurrency), _closing(http))
+        await anext(state.closer)  # returns at its `yield`, registered with the loop
+        return state
 
     async def aclose(self) -> None:
-        """Close this event loop's connections (call it before a loop of your own ends)."""
+        """Close this event loop's connections (`asyncio.run` does it too as it ends; other loops must call it)."""
         with self._lock:
             state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:
-            await state.http.aclose()
+            await state.closer.aclose()
 
     def close(self) -> None:
         """Close the connections `run_sync` callers opened."""
@@ -136,24 +161,23 @@ class ChatClient:
         return (await self.chat(messages, **params)).text
 
     async def _post(self, body: dict) -> dict:
-        state = self._state()
+        state = await self._state()
         last_error = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats["retries"] += 1
             retry_after = None
             try:
-                async with state.slots:
-                    response = await state.http.post("chat/completions", json=body)
-                status = response.status_code
+                async with state.slots, state.http.post(self.base_url + "chat/completions", json=body) as response:
+                    status, payload = response.status, await response.read()
+                    retry_after = _seconds(response.headers.get("retry-after"))
                 if status == 200:
-                    return response.json()
-                last_error = f"HTTP {status}: {response.text[:500]}"
+                    return json.loads(payload)
+                last_error = f"HTTP {status}: {payload.decode(errors='replace')[:500]}"
                 if status < 500 and status not in _RETRY_STATUS:
                     raise RequestRejected(f"{self.name} at {self.base_url} rejected the request: {last_error}", status)
-                retry_after = _seconds(response.headers.get("retry-after"))
-            except httpx.TransportError as exc:  # connection refused/reset, timeouts
-                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except _TRANSPORT_ERRORS as exc:
+                last_error = _describe(exc, self.timeout_s)
             except ValueError as exc:  # a 200 whose body is not JSON
                 raise RequestRejected(f"{self.name} at {self.base_url} sent a non-JSON reply: {exc}") from None
             if attempt < self.retries:
@@ -176,27 +200,41 @@ class ChatClient:
         Raises ServiceUnavailable on timeout, and RequestRejected when the service is up but
         does not serve this client's model (a wrong name would otherwise fail every request).
         """
-        http = self._state().http
+        http = (await self._state()).http
+        poll = aiohttp.ClientTimeout(total=min(self.timeout_s, 10.0))
         deadline = time.monotonic() + timeout_s
         last_error = "no answer"
         while True:
             try:
-                response = await http.get("models", timeout=min(self.timeout_s, 10.0))
-                if response.status_code == 200:
-                    served = [m.get("id") for m in response.json().get("data", [])]
+                async with http.get(self.base_url + "models", timeout=poll) as response:
+                    status, payload = response.status, await response.read()
+                if status == 200:
+                    served = [m.get("id") for m in json.loads(payload).get("data", [])]
                     if self.model not in served:
                         raise RequestRejected(f"{self.name} at {self.base_url} serves {served}, not {self.model!r}")
                     return served
-                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
-                if response.status_code in (401, 403):
+                last_error = f"HTTP {status}: {payload.decode(errors='replace')[:200]}"
+                if status in (401, 403):
                     raise RequestRejected(f"{self.name} at {self.base_url}: {last_error} (check the API key)")
-            except httpx.TransportError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
+            except _TRANSPORT_ERRORS as exc:
+                last_error = _describe(exc, poll.total)
             if time.monotonic() >= deadline:
                 raise ServiceUnavailable(
                     f"{self.name} service at {self.base_url} not healthy after {timeout_s:.0f} s; last error: {last_error}"
                 )
             await asyncio.sleep(poll_s)
+
+
+def _close_sessions(loops: dict[asyncio.AbstractEventLoop, _LoopState]) -> None:
+    for loop, state in loops.items():
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(state.closer.aclose(), loop)
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError) and not str(exc):  # aiohttp's total timeout says nothing itself
+        return f"no reply within {timeout_s:g} s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _seconds(value: str | None) -> float | None:

@@ -22,7 +22,8 @@ def wrap(record: Record) -> str:
     """The record as envelope text (its prompts left out: they follow from question and mode)."""
     fields = record.to_dict()
     del fields["prompts"]
-    text = json.dumps({KEY: fields}, ensure_ascii=False, separators=(",", ":"))
+    # ASCII escapes: lmms-eval writes replies as UTF-8, which cannot encode a lone surrogate a model may write.
+    text = json.dumps({KEY: fields}, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e")
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..engines import make_engine
 from ..engines.base import GenParams
+from ..engines.openai import ServiceUnavailable
 from ..images import PixelBudget
 from ..journal import Journal
 from ..pipeline import Pipeline, Record, Sample
@@ -119,7 +120,19 @@ class P2R(lmms):
         errors: list[str] = []
         with tqdm(total=len(requests), desc=f"p2r {self.mode}", unit="sample", disable=self.rank != 0) as bar:
             for chunk in collator.get_batched(n=self.chunk_size):
-                for record, reply in self._answer(chunk):
+                try:
+                    answered = self._answer(chunk)
+                except ServiceUnavailable as exc:
+                    kept = "not kept (set record_cache=PATH to keep them)"
+                    if self.journal is not None:
+                        kept = f"kept in {self.journal.path}: run again to resume"
+                    # SystemExit, not an Exception: lmms-eval 0.7.3 logs Exceptions and exits 0, which would
+                    # let a script take a run that wrote no scores for a success.
+                    raise SystemExit(
+                        f"{exc}\np2r: stopped after {len(replies)} of {len(requests)} samples, no scores written; "
+                        f"the finished samples are {kept}"
+                    ) from None
+                for record, reply in answered:
                     replies.append(reply)
                     if record.error is not None:
                         errors.append(f"{record.id}: {record.error}")
@@ -127,6 +140,13 @@ class P2R(lmms):
         if errors:
             logger.warning(
                 f"p2r: {len(errors)} of {len(requests)} samples failed and count as wrong; first: {errors[0]}"
+            )
+        client = getattr(self.engine, "client", None)
+        if client is not None and client.stats["retries"]:
+            stats = client.stats
+            logger.warning(
+                f"p2r: {client.name} service at {client.base_url}: {stats['retries']} retries and "
+                f"{stats['waited_s']:.1f} s of waiting over {stats['requests']} requests; it recovered each time"
             )
         return collator.get_original(replies)
 

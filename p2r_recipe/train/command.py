@@ -60,8 +60,12 @@ def _local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def openrlhf_args(config: TrainConfig, agent: bool = False) -> list[str]:
-    """`train_ppo_ray` flags for `config`: the reward file by default, the agent file with `agent=True` or the joint role."""
+def openrlhf_args(config: TrainConfig, agent: bool = True) -> list[str]:
+    """`train_ppo_ray` flags for `config`: the agent file by default, the reward file with `agent=False` (not for joint).
+
+    The agent is the default because OpenRLHF 0.11.2 swallows a reward file's exceptions (logged at
+    INFO, the reward left empty), while the agent lets our "service is down" error stop training.
+    """
     group = config.n_samples_per_prompt
     output = Path(config.output_dir).resolve()
     values = {
@@ -139,7 +143,7 @@ def role_env(role: str, agent: bool) -> dict[str, str]:
 
 
 def build_command(
-    config: TrainConfig, agent: bool = False, env: Mapping[str, str] | None = None, python: str = sys.executable
+    config: TrainConfig, agent: bool = True, env: Mapping[str, str] | None = None, python: str = sys.executable
 ) -> Command:
     """The OpenRLHF run for `config`: P2R_ROLE, the needed services and every P2R_* setting travel with it.
 

@@ -188,7 +188,10 @@ class ImageStore:
             ref = ref.get("bytes") or ref.get("path")
         embedded = isinstance(ref, (bytes, bytearray))
         original = None if embedded else self._inside_root(ref)
-        data = bytes(ref) if embedded else original.read_bytes()
+        try:
+            data = bytes(ref) if embedded else original.read_bytes()
+        except OSError as exc:  # unreadable (permissions) or gone since it was checked
+            raise RowError("missing_image", f"cannot read {original}: {exc.strerror}") from None
         try:  # a full decode: truncated files fail here, not in the middle of training
             fitted = fit_to_budget(load_image(data), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
         except ImageError as exc:
@@ -205,10 +208,14 @@ class ImageStore:
             raise RowError("missing_image", f"unusable image reference {str(ref)[:80]!r}")
         if self.root is None:
             raise RowError("missing_image", f"{ref!r} is a path but no --image-root was given")
-        path = (self.root / ref).resolve()
-        if not path.is_relative_to(self.root):
+        try:
+            path = (self.root / ref).resolve()
+            inside, found = path.is_relative_to(self.root), path.is_file()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+            raise RowError("missing_image", f"unusable image path {ref[:80]!r}: {exc}") from None
+        if not inside:
             raise RowError("image_outside_root", f"{ref!r} resolves outside the image root {self.root}")
-        if not path.is_file():
+        if not found:
             raise RowError("missing_image", f"{path} does not exist")
         return path
 

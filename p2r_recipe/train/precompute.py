@@ -200,6 +200,7 @@ def run(
         "written": len(rows),
         "perceiver": {"url": perceiver.base_url, "model": perceiver.model},
         "service_calls": client.stats["requests"],
+        "service_stats": dict(client.stats),  # retries and seconds waited, e.g. through a service restart
         "cached_before": cached_before,
         "cache": str(cache.path),
         "box_count_histogram": {str(n): histogram[n] for n in sorted(histogram)},

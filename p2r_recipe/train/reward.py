@@ -68,6 +68,10 @@ from p2r_recipe.train.services import ServiceConfig, env_number
 ROLES = ("perceiver", "reasoner")
 REASONER_PARAMS = {"temperature": 0.0, "max_tokens": 2048}  # the release's, for the frozen reasoner
 IOU_LIMIT = 0.5
+# Up to this many boxes (120 pairs, under 0.1 ms) the pairs are checked one by one. The check runs on the
+# event loop, where the tensor version took ~0.4 ms per rollout while threads prepared images (small
+# torch calls, torch.triu above all, slow down when the cores are busy), delaying every request.
+PAIRWISE_MAX_BOXES = 16
 FAILURES = ("iou_penalty", "label_penalty", "no_answer", "verifier_unparsed", "request_rejected", "image_error")
 # The 8 rollouts of a prompt share one decoded original; high-resolution images are large, so keep few.
 IMAGE_CACHE_SIZE = 8
@@ -122,13 +126,43 @@ class RewardConfig:
 
 
 @functools.lru_cache(maxsize=IMAGE_CACHE_SIZE)
-def _original(path: str) -> Image.Image:
+def _decoded(path: str) -> Image.Image:
     return load_image(path)
+
+
+@functools.lru_cache(maxsize=4 * IMAGE_CACHE_SIZE)
+def _decoding(path: str) -> threading.Lock:
+    return threading.Lock()
+
+
+def _original(path: str) -> Image.Image:
+    # A prompt's rollouts are scored at once: one thread decodes, the others wait for its cached result.
+    with _decoding(path):
+        return _decoded(path)
+
+
+def _overlapping(boxes: list[Box], rows: int = 128) -> bool:
+    """Whether any pair has IoU > IOU_LIMIT: `evidence.iou` pair by pair for a few boxes, else its arithmetic
+    on blocks of pairs at once, since a runaway reply can hold 10,000 boxes (50 million pairs)."""
+    if len(boxes) <= PAIRWISE_MAX_BOXES:
+        return any(iou(a, b) > IOU_LIMIT for a, b in combinations(boxes, 2))
+    xy = torch.tensor([b.bbox_2d for b in boxes], dtype=torch.float64).reshape(-1, 4)
+    area = torch.tensor([b.area for b in boxes], dtype=torch.float64) * 1e6
+    for start in range(0, len(boxes), rows):
+        a, a_area = xy[start : start + rows, None], area[start : start + rows, None]
+        ix = torch.minimum(a[..., 2], xy[:, 2]) - torch.maximum(a[..., 0], xy[:, 0])
+        iy = torch.minimum(a[..., 3], xy[:, 3]) - torch.maximum(a[..., 1], xy[:, 1])
+        inter = ix.clamp(min=0) * iy.clamp(min=0)
+        union = a_area + area - inter
+        ratio = torch.where(union > 0, inter / union, 0.0)
+        if torch.triu(ratio, diagonal=start + 1).gt(IOU_LIMIT).any():
+            return True
+    return False
 
 
 def box_rule(boxes: list[Box]) -> str:
     """The release's box penalties in order: '' when the boxes pass, else the failure code."""
-    if any(iou(a, b) > IOU_LIMIT for a, b in combinations(boxes, 2)):
+    if _overlapping(boxes):
         return "iou_penalty"
     if any(b.label.strip() in ("", PLACEHOLDER_LABEL) for b in boxes):
         return "label_penalty"
@@ -188,18 +222,26 @@ class Rewarder:
         images = [fit_to_budget(im, b.for_image(i), b.min_pixels, b.factor) for i, im in enumerate(found.images)]
         return images, found.has_evidence
 
+    def _reason_messages(self, sample: TrainSample, boxes: list[Box]) -> tuple[list[dict], bool]:
+        """The frozen reasoner's request for these boxes, and whether they are evidence.
+
+        Run in a thread: encoding the images takes milliseconds each, which on the event
+        loop would hold up every other rollout's request.
+        """
+        images, has_evidence = self.evidence(sample, boxes)
+        text = reason_text(sample.question, sample.answer_form, has_evidence, training=True)
+        return Prompt(text, images).messages([image_part(im) for im in images]), has_evidence
+
     async def _perceiver(self, response: str, sample: TrainSample) -> Outcome:
         boxes = parse_boxes(response)
         penalty = box_rule(boxes)
         if penalty:
             return Outcome(0.0, penalty, len(boxes))
         try:
-            images, has_evidence = await asyncio.to_thread(self.evidence, sample, boxes)
+            messages, has_evidence = await asyncio.to_thread(self._reason_messages, sample, boxes)
         except ImageError as exc:
             logger.warning("sample %s: %s", sample.id, exc)
             return Outcome(0.0, "image_error", len(boxes))
-        text = reason_text(sample.question, sample.answer_form, has_evidence, training=True)
-        messages = Prompt(text, images).messages([image_part(im) for im in images])
         try:
             reply = await self.reasoner.text(messages, **{**REASONER_PARAMS, "max_tokens": self.config.reasoner_max_tokens})
         except RequestRejected as exc:
@@ -235,8 +277,8 @@ class Rewarder:
         if not self.config.log_path:
             return
         line = json.dumps(
-            {"id": sample.id, "role": self.config.role, "response": response, **asdict(outcome)}, ensure_ascii=False
-        )
+            {"id": sample.id, "role": self.config.role, "response": response, **asdict(outcome)}
+        )  # ASCII escapes: a service's reply may hold a lone surrogate (\ud800), which UTF-8 cannot encode
         with self._log_lock, open(self.config.log_path, "a", encoding="utf-8") as out:
             out.write(line + "\n")
 
@@ -256,11 +298,19 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[str], **kwa
     scorer = rewarder()
     responses = [response_text(q, p) for q, p in zip(queries, prompts, strict=True)]
     samples = [TrainSample.from_label(label) for label in labels]
+    clients = (scorer.reasoner, scorer.verifier)
+    retries_before = [client.stats["retries"] for client in clients]
     try:
         outcomes = run_sync(scorer.score_batch(responses, samples))
     except ServiceUnavailable as exc:
         logger.error("P2R %s reward cannot be computed, training must stop: %s", scorer.config.role, exc)
         raise
+    for client, before in zip(clients, retries_before):
+        if client.stats["retries"] > before:
+            logger.warning(
+                "%s service at %s needed %d retries for this batch (%.1f s waited in all); every rollout was scored",
+                client.name, client.base_url, client.stats["retries"] - before, client.stats["waited_s"],
+            )  # fmt: skip
     scores = torch.tensor([o.score for o in outcomes], dtype=torch.float32)
     logs = [o.logs() for o in outcomes]
     extra = {name: torch.tensor([log[name] for log in logs], dtype=torch.float32) for name in logs[0]} if logs else {}
