@@ -35,6 +35,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # P2R sends at most 4 (annotated image + 3 crops); the cap bounds decoded memory per request.
 MAX_IMAGES = 16
 DEFAULT_MAX_TOKENS = 1024
+# One request must not hold the server for hours: no P2R pass needs more (the release's longest is 2048).
+MAX_NEW_TOKENS = 32768
 
 
 class APIError(Exception):
@@ -93,14 +95,14 @@ def to_prompt(messages: Any) -> Prompt:
     return Prompt("\n".join(texts), images, "\n".join(system) if system else SYSTEM_PROMPT)
 
 
-def _number(body: dict, key: str, default: Any, kind: type, minimum: float) -> Any:
+def _number(body: dict, key: str, default: Any, kind: type, minimum: float, maximum: float = float("inf")) -> Any:
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise APIError(400, f"{key} must be {'an integer' if kind is int else 'a number'}")
-    if value < minimum:
-        raise APIError(400, f"{key} must be >= {minimum}")
+    if not minimum <= value <= maximum:
+        raise APIError(400, f"{key} must be between {minimum} and {maximum}")
     return kind(value)
 
 
@@ -112,9 +114,9 @@ def to_params(body: dict) -> GenParams:
         raise APIError(400, "only n=1 is supported")
     max_key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     return GenParams(
-        max_new_tokens=_number(body, max_key, DEFAULT_MAX_TOKENS, int, 1),
+        max_new_tokens=_number(body, max_key, DEFAULT_MAX_TOKENS, int, 1, MAX_NEW_TOKENS),
         temperature=_number(body, "temperature", 0.0, float, 0.0),
-        min_new_tokens=_number(body, "min_tokens", 0, int, 0),
+        min_new_tokens=_number(body, "min_tokens", 0, int, 0, MAX_NEW_TOKENS),
         seed=_number(body, "seed", None, int, 0),
     )
 

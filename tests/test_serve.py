@@ -157,7 +157,7 @@ def test_request_mapping_to_prompt_and_params():
     for bad in ([], [{"role": "system", "content": "only system"}], [{"role": "user", "content": 3}], "text"):
         with pytest.raises(APIError):
             to_prompt(bad)
-    for bad in ({"n": 2}, {"temperature": -1}, {"max_tokens": "many"}, {"seed": 1.5}):
+    for bad in ({"n": 2}, {"temperature": -1}, {"max_tokens": "many"}, {"seed": 1.5}, {"min_tokens": 10**9}, {"max_tokens": 10**6}):
         with pytest.raises(APIError):
             to_params(bad)
     assert to_params({}) == GenParams(max_new_tokens=1024, temperature=0.0)  # greedy unless asked
