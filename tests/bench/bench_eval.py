@@ -100,23 +100,30 @@ class FixedBoxes:
 
 
 class Clock:
-    """Main-thread seconds spent inside the wrapped functions (time hidden behind generation is not counted)."""
+    """Main-thread seconds spent inside the wrapped functions, by part (time hidden behind generation is not counted)."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self.parts: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.parts.values())
+
+    def reset(self) -> None:
+        self.parts = {}
 
     @contextmanager
-    def timing(self):
+    def timing(self, part: str):
         start = time.perf_counter()
         try:
             yield
         finally:
             if threading.current_thread() is threading.main_thread():
-                self.seconds += time.perf_counter() - start
+                self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - start
 
-    def wrap(self, fn):
+    def wrap(self, fn, part: str):
         def timed(*args, **kwargs):
-            with self.timing():
+            with self.timing(part):
                 return fn(*args, **kwargs)
 
         return timed
@@ -129,14 +136,14 @@ class TimedFuture:
         self.future, self.clock = future, clock
 
     def result(self):
-        with self.clock.timing():
+        with self.clock.timing("stage_wait"):
             return self.future.result()
 
 
 def instrument(engine: hf.HFEngine, clock: Clock) -> None:
     """Count the engine's image work on the main thread: processor, staging, and waiting for a prefetched stage."""
-    engine._inputs = clock.wrap(engine._inputs)
-    engine._stage = clock.wrap(engine._stage)
+    engine._inputs = clock.wrap(engine._inputs, "processor")
+    engine._stage = clock.wrap(engine._stage, "stage")
     runner = engine._runner
     engine._runner = lambda batch, staged, params, seed: runner(
         batch, TimedFuture(staged, clock) if staged is not None else None, params, seed
@@ -250,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     clock = Clock()
     # The pipeline's own image work: fitting to the pixel budget, and drawing and cropping the evidence.
-    pipeline.fit_to_budget = clock.wrap(images.fit_to_budget)
-    pipeline.gather_evidence = clock.wrap(pipeline.gather_evidence)
+    pipeline.fit_to_budget = clock.wrap(images.fit_to_budget, "fit")
+    pipeline.gather_evidence = clock.wrap(pipeline.gather_evidence, "evidence")
     split_pool = images._resize_pool
     for variant in args.variants:
         options = VARIANTS[variant]
@@ -272,13 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
             run_mode(engine, "p2r" if engine.compile else "default", batch[:batch_size], tokens, clock)
             warmup_s = round(time.perf_counter() - warm, 2)
             for mode in sorted(args.modes, key=lambda m: m != "p2r"):
-                clock.seconds = 0.0
+                clock.reset()
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 row = {"batch": batch_size, "mode": mode, "samples": len(batch), "warmup_s": warmup_s}
                 row.update(run_mode(engine, mode, batch, tokens, clock))
                 row["preprocess_s"] = round(clock.seconds, 3)
                 row["preprocess_share"] = round(clock.seconds / row["wall_s"], 4)
+                row["preprocess_parts_s"] = {part: round(v, 3) for part, v in sorted(clock.parts.items())}
                 if torch.cuda.is_available():
                     row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 configs.append(row)
