@@ -1,0 +1,48 @@
+"""The threaded bicubic resize gives Pillow's bytes; budgets follow Qwen-VL's smart_resize."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from p2r_recipe import images
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "source, size",
+    [
+        ((3840, 2160), (1920, 1088)),  # 4K to the release's budget: both passes split
+        ((7680, 4320), (2720, 1536)),  # 8K
+        ((1500, 1000), (3000, 2000)),  # enlarging
+        ((2000, 1200), (2000, 600)),  # height only: vertical pass alone
+        ((2048, 1024), (1000, 1024)),  # width only: horizontal pass alone
+        ((1200, 4000), (1100, 900)),  # height shrinks much more: Pillow's vertical-first case
+    ],
+)
+def test_threaded_resize_gives_pillows_bytes(source, size, monkeypatch):
+    if images._resize_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        monkeypatch.setattr(images, "_resize_pool", ThreadPoolExecutor(2))
+        monkeypatch.setattr(images, "_RESIZE_THREADS", 2)
+    image = noise(*source)
+    assert images.resize_bicubic(image, size).tobytes() == image.resize(size, Image.Resampling.BICUBIC).tobytes()
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [(1080, 1920, (1088, 1920)), (8000, 8000, (2048, 2048)), (10, 10, (128, 128))],
+)
+def test_smart_resize_sides_and_budget(height, width, expected):
+    budget = images.PixelBudget()
+    h, w = images.smart_resize(height, width, budget.factor, budget.min_pixels, budget.max_pixels)
+    assert (h, w) == expected
+    assert h % 32 == 0 and w % 32 == 0 and budget.min_pixels <= h * w <= budget.max_pixels
+
+
+def test_extreme_aspect_ratio_is_an_image_error():
+    with pytest.raises(images.ImageError, match="aspect ratio"):
+        images.smart_resize(10, 20000, 32, 16 * 1024, 4096 * 1024)
