@@ -17,6 +17,7 @@ prefetch), peak GPU memory, and separately the decode speed per batch size next 
 weight-bandwidth bound (parameter bytes / measured HBM bandwidth per step).
 
     python tests/bench/bench_eval.py                      # tiny model, CPU -> results/bench/eval_cpu.json
+    python tests/bench/bench_eval.py --quick              # batch 1, few tokens, small image -> the temp folder
     python tests/bench/bench_eval.py --model 4b --device cuda --out results/bench/eval_gpu.json
 """
 
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import RESULTS, boxes_text, machine, photo, write_result
+from common import boxes_text, machine, parse_args, photo, write_result
 
 import p2r_recipe.engines.hf as hf
 import p2r_recipe.images as images
@@ -229,9 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", nargs=4, type=int, default=[8, 48, 256, 256], metavar=("DIRECT", "PERCEIVE", "THINK", "REASON"))
     parser.add_argument("--decode-steps", type=int, default=64, help="0: skip the decode-speed measurement")
     parser.add_argument("--image-size", nargs=2, type=int, default=[1920, 1080])
-    parser.add_argument("--out", type=Path, default=RESULTS / "eval_cpu.json")
     parser.add_argument("--merge", nargs="+", type=Path, help="combine the variants of earlier reports into --out")
-    args = parser.parse_args(argv)
+    quick = {"batch_sizes": [1], "tokens": [2, 4, 8, 8], "decode_steps": 4, "image_size": [320, 240]}
+    args = parse_args(parser, argv, "eval_cpu", quick)
     if args.merge:
         return merge(args.merge, args.out)
     direct, perceive, think, reason = args.tokens

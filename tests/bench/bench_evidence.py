@@ -12,7 +12,7 @@ Synthetic photos (4K and 8K, stored as JPEG) with perceiver answers of 0..8 boxe
   URLs must equal ours byte for byte.
 Prints one JSON line and writes results/bench/evidence.json.
 
-    python tests/bench/bench_evidence.py [--sizes 3840x2160 7680x4320] [--boxes 0 1 2 3 4 5 6 7 8] [--repeats 5]
+    python tests/bench/bench_evidence.py [--sizes 3840x2160 7680x4320] [--boxes 0 1 2 3 4 5 6 7 8] [--repeats 5] [--quick]
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import argparse
 import base64
 import io
 import statistics
-from pathlib import Path
 
-from common import RESULTS, boxes_text, machine, median_s, photo, write_result
+from common import boxes_text, machine, median_s, parse_args, photo, write_result
 from PIL import Image
 
 import release_rules
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", nargs="+", default=["3840x2160", "7680x4320"])
     parser.add_argument("--boxes", nargs="+", type=int, default=list(range(9)))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "evidence.json")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, "evidence", quick={"sizes": ["1920x1080"], "boxes": [0, 3], "repeats": 1})
 
     budget = PixelBudget()  # the release's evaluation budget
     ways = ("ours", "ours_with_decode", "reference", "reference_fitted")

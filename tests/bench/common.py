@@ -1,12 +1,16 @@
-"""What the benchmark scripts share: synthetic photos, box texts, timing, and writing results/bench/<name>.json."""
+"""What the benchmark scripts share: synthetic photos, samples and box texts, a scripted service in its own process,
+timing, the --quick/--out options, and writing results/bench/<name>.json."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench"
-sys.path.insert(0, str(ROOT / "tests"))  # servers.py, release_rules.py, p2r10k.py
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "p2r-bench-quick"
+sys.path.insert(0, str(ROOT / "tests"))  # servers.py, release_rules.py, p2r10k.py: imported below and by the benches
+
+import p2r10k
+from servers import ScriptedServer
+
+from p2r_recipe.train.data import TrainSample
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -42,6 +52,51 @@ def boxes_text(count: int, seed: int = 0) -> str:
     return json.dumps(boxes)
 
 
+def train_samples(folder: Path, count: int, size: tuple[int, int]) -> list[TrainSample]:
+    """`count` mca samples with distinct pictures written to `folder`; the right answer is A."""
+    samples = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        p2r10k.picture(i, size).save(path)
+        samples.append(TrainSample(str(i), p2r10k.question(i, "mca"), "A", "mca", str(path)))
+    return samples
+
+
+class ScriptedService:
+    """A ScriptedServer in a forked process, so its event loop does not compete with the benchmarked client
+    for the GIL; `calls()` reads the server's own request count."""
+
+    def __init__(self, reply_fn: Callable[[dict], str], latency_s: float):
+        self.reply_fn, self.latency_s = reply_fn, latency_s
+
+    def _serve(self, conn) -> None:
+        server = ScriptedServer(self.reply_fn, latency_s=self.latency_s).start()
+        conn.send(server.port)
+        try:
+            while True:
+                conn.recv()  # a request for the count
+                conn.send(server.calls)
+        except EOFError:  # the benchmark closed its end
+            pass
+
+    def __enter__(self) -> ScriptedService:
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=self._serve, args=(child,), daemon=True)
+        self._process.start()
+        self.port = self._conn.recv()
+        return self
+
+    def calls(self) -> int:
+        self._conn.send(None)
+        return self._conn.recv()
+
+    def __exit__(self, *exc) -> None:
+        self._conn.close()
+        self._process.terminate()
+        self._process.join()
+
+
 def median_s(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn` over `repeats` calls, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -56,6 +111,19 @@ def median_s(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, quick: dict) -> argparse.Namespace:
+    """Add --quick and --out and parse. --quick swaps in the small `quick` defaults (options given still win) and
+    writes to the temp folder, so a smoke run never replaces the committed results/bench/<name>.json."""
+    parser.add_argument("--quick", action="store_true", help=f"smoke-test sizes ({quick}), report in {QUICK_RESULTS}")
+    parser.add_argument("--out", type=Path, help=f"report path (default results/bench/{name}.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS) / f"{name}.json"
+    return args
 
 
 def write_result(report: dict, out: Path) -> dict:
