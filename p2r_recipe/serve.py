@@ -269,12 +269,6 @@ def create_app(
     return app
 
 
-def _is_tiny(model: str) -> bool:
-    from .tiny import _MARKER, TINY_MODEL_NAME  # imported here: tiny.py imports torch
-
-    return model == TINY_MODEL_NAME or (Path(model) / _MARKER).exists()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console script `p2r-serve`."""
     parser = argparse.ArgumentParser(prog="p2r-serve", description=__doc__.splitlines()[0])
@@ -295,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     from .engines.hf import HFEngine  # imported here: torch and transformers are slow to import
+    from .tiny import is_tiny_model
 
     served = args.served_model_name or Path(args.model.rstrip("/")).name
-    if _is_tiny(args.model):
+    if is_tiny_model(args.model):
         print("p2r-serve: this is the tiny random-weight test model; its answers are meaningless.", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(

@@ -179,6 +179,11 @@ def ensure_tiny_model() -> Path:
     return build_tiny_model(default_tiny_dir())
 
 
+def is_tiny_model(name: str) -> bool:
+    """Whether `name` is `p2r-tiny` or a directory this module built: its answers are meaningless."""
+    return name == TINY_MODEL_NAME or (Path(name) / _MARKER).exists()
+
+
 def resolve_pretrained(name: str) -> str:
     """`p2r-tiny` -> the built tiny model's directory; any other name unchanged."""
     return str(ensure_tiny_model()) if name == TINY_MODEL_NAME else name

@@ -38,6 +38,7 @@ class Outputs:
 
     results: dict
     samples: dict[str, list[dict]]
+    log: str = ""
 
     def metrics(self, task: str) -> dict:
         """A task's (or group's) metrics without lmms-eval's ",none" filter suffix and stderr entries."""

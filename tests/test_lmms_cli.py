@@ -19,11 +19,13 @@ FAST = "max_pixels=65536,max_new_tokens=8"
 
 def evaluate(tmp_path, model_args: str, *extra: str, limit: int = 2, name: str = "run") -> lmms_cli.Outputs:
     out = tmp_path / name
-    lmms_cli.run(
+    log = lmms_cli.run(
         "--model", "p2r", "--model_args", model_args, "--tasks", "p2r_demo", "--limit", str(limit),
         "--output_path", str(out), "--log_samples", *extra, cwd=tmp_path,
     )  # fmt: skip
-    return lmms_cli.read_outputs(out)
+    outputs = lmms_cli.read_outputs(out)
+    outputs.log = log
+    return outputs
 
 
 def check_metrics(outputs: lmms_cli.Outputs, mode: str, limit: int) -> None:
@@ -46,6 +48,7 @@ def test_three_modes_on_the_demo_with_the_tiny_model(tmp_path, tiny_model_dir, m
     outputs = evaluate(tmp_path, f"pretrained={tiny_model_dir},mode={mode},{FAST}")
     check_metrics(outputs, mode, limit=2)
     assert f"mode={mode}" in outputs.results["config"]["model_args"]
+    assert "tiny random-weight test model: its answers and scores are meaningless" in outputs.log
     for task in CATEGORIES:
         records = [envelope.unwrap(sample["filtered_resps"]) for sample in outputs.samples[task]]
         assert len(records) == 2 and all(r["mode"] == mode and r["error"] is None for r in records)

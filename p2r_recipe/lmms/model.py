@@ -34,6 +34,7 @@ from ..images import PixelBudget
 from ..journal import Journal
 from ..pipeline import Pipeline, Record, Sample
 from ..prompts import MODES
+from ..tiny import is_tiny_model
 from . import envelope
 
 ANSWER_FORM_KEY = "p2r_answer_form"
@@ -106,6 +107,8 @@ class P2R(lmms):
         else:
             engine_kwargs.update(pretrained=pretrained, dtype=dtype)
         self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
+        if pretrained and is_tiny_model(pretrained):
+            logger.warning("p2r: the tiny random-weight test model: its answers and scores are meaningless.")
         self.chunk_size = int(batch_size) if backend == "hf" else int(concurrency)
         self.journal = Journal(record_cache) if record_cache else None
         # What makes a cached record valid for this run: the model and every setting that changes its answer.
