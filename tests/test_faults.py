@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 
 import httpx
 import lmms_cli
@@ -44,6 +45,27 @@ def restart_later(service: ScriptedProcess) -> threading.Thread:
     thread = threading.Thread(target=lambda: (time.sleep(DOWN_S), service.start()), daemon=True)
     thread.start()
     return thread
+
+
+def kill_during(service: ScriptedProcess, work, after: int, restart: bool) -> dict:
+    """Run `work()` in a thread, SIGKILL the service once it has had `after` requests (and start it again
+    DOWN_S later when `restart`); `work`'s return value as "result", or what it raised as "error"."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for_requests(service, after, running=worker.is_alive)
+    service.kill()
+    if restart:
+        restart_later(service).join()
+    worker.join(timeout=120)
+    return outcome
 
 
 # --- (a) an lmms-eval run with backend=openai ------------------------------------------------------
@@ -118,14 +140,8 @@ def test_reward_batch_survives_its_reasoner_being_killed_and_restarted(tmp_path,
     with ScriptedProcess(free_port(), latency_s=0.3, log=tmp_path / "requests.log") as service:
         rollouts.configure(monkeypatch, "perceiver", P2R_CONCURRENCY="8", P2R_RETRIES="8", P2R_BACKOFF_S="0.25")
         monkeypatch.setenv("REASONER_PORT", str(service.port))
-        result = {}
-        worker = threading.Thread(target=lambda: result.update(reward_func(*batch)))
         with caplog.at_level(logging.WARNING, logger="p2r_recipe.train.reward"):
-            worker.start()
-            wait_for_requests(service, 8, running=worker.is_alive)
-            service.kill()
-            restart_later(service).join()
-            worker.join(timeout=120)
+            result = kill_during(service, partial(reward_func, *batch), after=8, restart=True)["result"]
     # The frozen reasoner answers A, the right letter, for every rollout: any lost or mixed-up request shows.
     assert result["rewards"].tolist() == [1.0] * 48 and result["extra_logs"]["box_count"].tolist() == [1.0] * 48
     stats = rewarder().reasoner.stats
@@ -138,20 +154,8 @@ def test_reward_batch_raises_naming_the_reasoner_when_it_never_returns(tmp_path,
     with ScriptedProcess(free_port(), latency_s=0.3, log=tmp_path / "requests.log") as service:
         rollouts.configure(monkeypatch, "perceiver", P2R_CONCURRENCY="4", P2R_RETRIES="2", P2R_BACKOFF_S="0.1")
         monkeypatch.setenv("REASONER_PORT", str(service.port))
-        outcome = {}
-
-        def score():
-            try:
-                outcome["result"] = reward_func(*batch)
-            except ServiceUnavailable as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=score)
-        worker.start()
-        wait_for_requests(service, 4, running=worker.is_alive)
-        service.kill()
-        worker.join(timeout=120)
-    assert "result" not in outcome  # no rewards, not zeros
+        outcome = kill_during(service, partial(reward_func, *batch), after=4, restart=False)
+    assert "result" not in outcome and isinstance(outcome["error"], ServiceUnavailable)  # no rewards, not zeros
     assert f"reasoner service at http://127.0.0.1:{service.port}/v1/ unavailable after 3 attempts" in str(outcome["error"])
 
 
@@ -171,17 +175,8 @@ def perceiver(service: ScriptedProcess, **fields) -> ServiceConfig:
 def test_precompute_survives_its_perceiver_being_killed_and_restarted(tmp_path):
     items = train_samples(tmp_path, 24)
     with ScriptedProcess(free_port(), latency_s=0.15, log=tmp_path / "requests.log") as service:
-        summary = {}
-
-        def run():
-            summary.update(precompute.run(items, tmp_path / "faulted", perceiver(service)))
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        wait_for_requests(service, 6, running=worker.is_alive)
-        service.kill()
-        restart_later(service).join()
-        worker.join(timeout=120)
+        work = partial(precompute.run, items, tmp_path / "faulted", perceiver(service))
+        summary = kill_during(service, work, after=6, restart=True)["result"]
         whole = precompute.run(items, tmp_path / "whole", perceiver(service))
     assert summary["written"] == whole["written"] == 24 and summary["failed"] == 0
     assert summary["service_stats"]["retries"] > 0 and whole["service_stats"]["retries"] == 0
@@ -195,19 +190,9 @@ def test_precompute_survives_its_perceiver_being_killed_and_restarted(tmp_path):
 def test_precompute_stops_clearly_when_its_perceiver_never_returns(tmp_path):
     items = train_samples(tmp_path, 12)
     with ScriptedProcess(free_port(), latency_s=0.15, log=tmp_path / "requests.log") as service:
-        outcome = {}
-
-        def run():
-            try:
-                precompute.run(items, tmp_path / "out", perceiver(service, retries=2, backoff_s=0.1))
-            except PrecomputeStopped as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        wait_for_requests(service, 4, running=worker.is_alive)
-        service.kill()
-        worker.join(timeout=120)
+        work = partial(precompute.run, items, tmp_path / "out", perceiver(service, retries=2, backoff_s=0.1))
+        outcome = kill_during(service, work, after=4, restart=False)
+    assert isinstance(outcome["error"], PrecomputeStopped)
     message = str(outcome["error"])
     assert f"perceiver service at http://127.0.0.1:{service.port}/v1/ unavailable" in message
     saved = len((tmp_path / "out" / "perceiver_cache.jsonl").read_text().splitlines())
