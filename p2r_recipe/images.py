@@ -43,6 +43,10 @@ class PixelBudget:
     def for_image(self, index: int) -> int:
         return self.max_pixels if index == 0 else self.crop_max_pixels
 
+    def fit(self, images: list[Image.Image]) -> list[Image.Image]:
+        """A prompt's images, each resized to its budget (the first to `max_pixels`, the rest as crops)."""
+        return [fit_to_budget(im, self.for_image(i), self.min_pixels, self.factor) for i, im in enumerate(images)]
+
 
 # The release trains with smart_resize to at most 2,097,152 pixels.
 TRAIN_BUDGET = PixelBudget(max_pixels=2_097_152, crop_max_pixels=2_097_152)

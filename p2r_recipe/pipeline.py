@@ -16,7 +16,7 @@ from PIL import Image
 from . import prompts
 from .engines.base import Engine, GenParams, Generation
 from .evidence import Evidence, gather_evidence
-from .images import ImageError, PixelBudget, fit_to_budget, load_image
+from .images import ImageError, PixelBudget, load_image
 from .scoring import answer_text, extract_choice
 
 
@@ -54,10 +54,6 @@ class Record:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _fit(images: list[Image.Image], budget: PixelBudget) -> list[Image.Image]:
-    return [fit_to_budget(im, budget.for_image(i), budget.min_pixels, budget.factor) for i, im in enumerate(images)]
 
 
 class Pipeline:
@@ -118,7 +114,7 @@ class Pipeline:
     def _perceive(self, samples, records, images) -> dict[int, Evidence]:
         """Batched perceive pass; returns the evidence of every sample that got through it."""
         def perceive_prompt(i: int) -> prompts.Prompt:
-            return prompts.Prompt(prompts.perceive_text(samples[i].question), _fit(images[i][:1], self.budget))
+            return prompts.Prompt(prompts.perceive_text(samples[i].question), self.budget.fit(images[i][:1]))
 
         batch = self._build(list(images), records, perceive_prompt)
         self._generate(list(batch.values()), [records[i] for i in batch], self.perceive_params, "perceiver_output")
@@ -140,7 +136,7 @@ class Pipeline:
         else:
             text = prompts.reason_text(sample.question, sample.answer_form, evidence.has_evidence)
             images = evidence.images
-        return prompts.Prompt(text, _fit(images, self.budget))
+        return prompts.Prompt(text, self.budget.fit(images))
 
     def _generate(self, batch: list[prompts.Prompt], records: list[Record], params: GenParams, target: str) -> None:
         """Generate for a batch and write each reply into `target` of its record (or its error)."""

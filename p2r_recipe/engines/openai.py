@@ -17,7 +17,7 @@ import aiohttp
 from PIL import Image
 from tqdm import tqdm
 
-from ..images import PixelBudget, data_url, fit_to_budget
+from ..images import PixelBudget, data_url
 from ..prompts import Prompt
 from .base import Generation, GenParams
 
@@ -334,10 +334,8 @@ class OpenAIEngine:
                     task.cancel()
 
     async def _one(self, prompt: Prompt, params: GenParams) -> Generation:
-        images = prompt.images
-        if self.budget is not None:  # a no-op for images the pipeline already fitted
-            b = self.budget
-            images = [fit_to_budget(im, b.for_image(i), b.min_pixels, b.factor) for i, im in enumerate(images)]
+        # A no-op for images the pipeline already fitted.
+        images = prompt.images if self.budget is None else self.budget.fit(prompt.images)
         body: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
         if params.min_new_tokens:
             body["min_tokens"] = params.min_new_tokens  # a vLLM extension; p2r-serve accepts it too

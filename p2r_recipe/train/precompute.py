@@ -120,8 +120,7 @@ def _evidence(folder: Path, sample: TrainSample, output: str, budget: PixelBudge
     files = []
     if evidence.has_evidence:
         folder.mkdir(parents=True, exist_ok=True)
-        for i, (name, image) in enumerate(zip(EVIDENCE_NAMES, evidence.images)):
-            fitted = fit_to_budget(image, budget.for_image(i), budget.min_pixels, budget.factor)
+        for name, fitted in zip(EVIDENCE_NAMES, budget.fit(evidence.images)):
             path = folder / f"{name}.jpg"
             path.write_bytes(encode_image(fitted))
             files.append(str(path.resolve()))

@@ -59,7 +59,7 @@ from PIL import Image
 
 from p2r_recipe.engines.openai import RequestRejected, ServiceUnavailable, image_part, run_sync
 from p2r_recipe.evidence import PLACEHOLDER_LABEL, Box, gather_evidence, iou, parse_boxes
-from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelBudget, fit_to_budget, load_image
+from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelBudget, load_image
 from p2r_recipe.prompts import Prompt, reason_text
 from p2r_recipe.scoring import VerdictError, answer_text, extract_choice, score_answer, score_free_form
 from p2r_recipe.train.data import TrainSample
@@ -218,9 +218,7 @@ class Rewarder:
     def evidence(self, sample: TrainSample, boxes: list[Box]) -> tuple[list[Image.Image], bool]:
         """The reason pass's images for these boxes, fitted to the budget, and whether they are evidence."""
         found = gather_evidence(_original(sample.image), boxes)
-        b = self.config.budget
-        images = [fit_to_budget(im, b.for_image(i), b.min_pixels, b.factor) for i, im in enumerate(found.images)]
-        return images, found.has_evidence
+        return self.config.budget.fit(found.images), found.has_evidence
 
     def _reason_messages(self, sample: TrainSample, boxes: list[Box]) -> tuple[list[dict], bool]:
         """The frozen reasoner's request for these boxes, and whether they are evidence.

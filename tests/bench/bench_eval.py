@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     clock = Clock()
     # The pipeline's own image work: fitting to the pixel budget, and drawing and cropping the evidence.
-    pipeline.fit_to_budget = clock.wrap(images.fit_to_budget, "fit")
+    images.fit_to_budget = clock.wrap(images.fit_to_budget, "fit")
     pipeline.gather_evidence = clock.wrap(pipeline.gather_evidence, "evidence")
     split_pool = images._resize_pool
     for variant in args.variants:

@@ -27,15 +27,12 @@ from PIL import Image
 
 import release_rules
 from p2r_recipe.evidence import gather_evidence
-from p2r_recipe.images import PixelBudget, data_url, fit_to_budget, load_image, smart_resize
+from p2r_recipe.images import PixelBudget, data_url, load_image, smart_resize
 
 
 def ours(image: Image.Image, text: str, budget: PixelBudget) -> list[str]:
     evidence = gather_evidence(image, text)
-    return [
-        data_url(fit_to_budget(im, budget.for_image(i), budget.min_pixels, budget.factor))
-        for i, im in enumerate(evidence.images)
-    ]
+    return [data_url(im) for im in budget.fit(evidence.images)]
 
 
 def reference_fitted(data: bytes, text: str, budget: PixelBudget) -> list[str]:
