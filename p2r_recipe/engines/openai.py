@@ -9,7 +9,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -279,6 +279,17 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
 
+async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all concurrently, results in order; when one raises (an outage), the rest are cancelled
+    before the error propagates, so nothing keeps calling a service the run has given up on."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def image_part(image: Image.Image) -> dict:
     """An OpenAI chat content part carrying the image as a JPEG data URL."""
     return {"type": "image_url", "image_url": {"url": data_url(image)}}
@@ -322,16 +333,15 @@ class OpenAIEngine:
 
     async def agenerate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]:
         """The async form of `generate`; on an outage the remaining requests are cancelled."""
-        tasks = [asyncio.ensure_future(self._one(prompt, params)) for prompt in prompts]
-        quiet = len(tasks) <= self.client.concurrency
-        with tqdm(total=len(tasks), desc=f"{self.client.model} requests", unit="prompt", disable=quiet) as bar:
-            for task in tasks:
-                task.add_done_callback(lambda t: t.cancelled() or bar.update())
-            try:
-                return list(await asyncio.gather(*tasks))
-            finally:
-                for task in tasks:
-                    task.cancel()
+        quiet = len(prompts) <= self.client.concurrency
+        with tqdm(total=len(prompts), desc=f"{self.client.model} requests", unit="prompt", disable=quiet) as bar:
+
+            async def one(prompt: Prompt) -> Generation:
+                generation = await self._one(prompt, params)
+                bar.update()
+                return generation
+
+            return await gather_all(one(prompt) for prompt in prompts)
 
     async def _one(self, prompt: Prompt, params: GenParams) -> Generation:
         # A no-op for images the pipeline already fitted.

@@ -27,6 +27,7 @@ from p2r_recipe.engines.openai import (
     ChatClient,
     RequestRejected,
     ServiceUnavailable,
+    gather_all,
     image_part,
     run_sync,
 )
@@ -101,13 +102,8 @@ async def _perceive(
                 await asyncio.to_thread(cache.add, key, output, id=sample.id)
             bar.update()
 
-    tasks = [asyncio.ensure_future(one(key, sample)) for key, sample in todo.items()]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        bar.close()
+    with bar:
+        await gather_all(one(key, sample) for key, sample in todo.items())
     return failures
 
 

@@ -57,7 +57,7 @@ from itertools import combinations
 import torch
 from PIL import Image
 
-from p2r_recipe.engines.openai import RequestRejected, ServiceUnavailable, image_part, run_sync
+from p2r_recipe.engines.openai import RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
 from p2r_recipe.evidence import PLACEHOLDER_LABEL, Box, gather_evidence, iou, parse_boxes
 from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelBudget, load_image
 from p2r_recipe.prompts import Prompt, reason_text
@@ -208,12 +208,7 @@ class Rewarder:
 
     async def score_batch(self, responses: list[str], samples: list[TrainSample]) -> list[Outcome]:
         """All rollouts concurrently; on an outage the remaining requests are cancelled and it raises."""
-        tasks = [asyncio.ensure_future(self.score(r, s)) for r, s in zip(responses, samples, strict=True)]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
+        return await gather_all(self.score(r, s) for r, s in zip(responses, samples, strict=True))
 
     def evidence(self, sample: TrainSample, boxes: list[Box]) -> tuple[list[Image.Image], bool]:
         """The reason pass's images for these boxes, fitted to the budget, and whether they are evidence."""
