@@ -113,19 +113,19 @@ def build_processor() -> Qwen3VLProcessor:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
-    """The tiny sizes; every token id is read from the tokenizer."""
+    """The tiny sizes (head_dim 64: vLLM's CPU attention rejects smaller heads); token ids come from the tokenizer."""
     ids = dict(zip(_SPECIALS, tokenizer.convert_tokens_to_ids(_SPECIALS)))
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
-    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10], "mrope_interleaved": True}
     text = {
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_parameters": rope,
+        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "rope_parameters": rope,
         "max_position_embeddings": _MAX_POSITIONS, "tie_word_embeddings": True,
         "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad,
     }  # fmt: skip
     vision = {
         "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
-        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 128,
         "num_position_embeddings": 256, "deepstack_visual_indexes": [1],
     }  # fmt: skip
     return Qwen3VLConfig(
