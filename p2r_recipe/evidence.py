@@ -1,10 +1,11 @@
 """Evidence: parse the perceiver's JSON boxes, draw them on a copy of the image, crop the first three.
 
 Coordinates are Qwen-VL's normalised 0..1000 on both axes. The drawing, padding and
-cropping rules are the release's; what it left undefined (non-finite or out-of-range
-numbers, non-numeric coordinates) is decided here once: out-of-range coordinates are
-clamped to 0..1000, anything else that is not 4 finite numbers with x1 < x2 and
-y1 < y2 is dropped.
+cropping rules are the release's. Coordinates are kept as written, as the release keeps
+them (outside 0..1000 too): IoU and drawing use them unchanged, and only a crop is clamped to
+the image, after padding. What the release left undefined is decided here once: a box that
+is not 4 finite numbers (NaN, infinities, booleans, strings) with x1 < x2 and y1 < y2 is
+dropped (the release crashes drawing NaN).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ _OBJECT = re.compile(r"\{[^{}]*\}")
 
 @dataclass(frozen=True)
 class Box:
-    """One valid evidence box: `bbox_2d` = (x1, y1, x2, y2) in 0..1000, and its label."""
+    """One valid evidence box: `bbox_2d` = (x1, y1, x2, y2) as written (0..1000 is the image), its label as
+    text, and `raw_label`, the JSON value the perceiver wrote (None when missing), which the reward's label rule reads."""
 
     bbox_2d: tuple[float, float, float, float]
     label: str = ""
+    raw_label: Any = field(default=None, compare=False, repr=False)
 
     @property
     def area(self) -> float:
@@ -38,9 +41,17 @@ class Box:
         x1, y1, x2, y2 = self.bbox_2d
         return (x2 - x1) * (y2 - y1) / 1e6
 
-    def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def pixels(self, width: int, height: int, margin: int = 0) -> tuple[int, int, int, int]:
+        """The release's pixel rectangle, `int(c / 1000 * side)`; with `margin`, each value is first held
+        within `margin` pixels outside the image, where a line `margin` wide is invisible either way
+        (a box at 1e300 would otherwise overflow the drawing code)."""
         x1, y1, x2, y2 = self.bbox_2d
-        return int(x1 / 1000 * width), int(y1 / 1000 * height), int(x2 / 1000 * width), int(y2 / 1000 * height)
+
+        def px(c: float, side: int) -> int:
+            value = c / 1000 * side
+            return int(min(side + margin, max(-margin, value))) if margin else int(value)
+
+        return px(x1, width), px(y1, height), px(x2, width), px(y2, height)
 
 
 def iou(a: Box, b: Box) -> float:
@@ -72,11 +83,12 @@ def _box(obj: Any) -> Box | None:
     numbers = [_finite(c) for c in coords]
     if None in numbers:
         return None
-    x1, y1, x2, y2 = (min(1000.0, max(0.0, c)) for c in numbers)
+    x1, y1, x2, y2 = numbers
     if not (x1 < x2 and y1 < y2):
         return None
-    label = obj.get("label", "")
-    return Box((x1, y1, x2, y2), label if isinstance(label, str) else json.dumps(label))
+    label = obj.get("label")
+    text = label if isinstance(label, str) else "" if label is None else json.dumps(label)
+    return Box((x1, y1, x2, y2), text, label)
 
 
 def _objects(text: str) -> list[Any]:
@@ -121,7 +133,7 @@ def annotate(image: Image.Image, boxes: list[Box]) -> Image.Image:
     draw = ImageDraw.Draw(annotated)
     line = max(3, int(0.003 * image.width))
     for i, box in enumerate(boxes):
-        draw.rectangle(box.pixels(image.width, image.height), outline=COLORS[i % len(COLORS)], width=line)
+        draw.rectangle(box.pixels(image.width, image.height, margin=line + 1), outline=COLORS[i % len(COLORS)], width=line)
     return annotated
 
 

@@ -48,8 +48,11 @@ class PixelBudget:
         return [fit_to_budget(im, self.for_image(i), self.min_pixels, self.factor) for i, im in enumerate(images)]
 
 
-# The release trains with smart_resize to at most 2,097,152 pixels.
-TRAIN_BUDGET = PixelBudget(max_pixels=2_097_152, crop_max_pixels=2_097_152)
+# The release trains with smart_resize to at most 2,097,152 pixels and at least 4,096 (qwen-vl-utils'
+# default, which its rollouts and its service calls both use), every image alike.
+TRAIN_BUDGET = PixelBudget(max_pixels=2_097_152, min_pixels=4_096, crop_max_pixels=2_097_152)
+# PIL's default JPEG quality, which the release's training service calls encode with.
+TRAIN_JPEG_QUALITY = 75
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -218,7 +221,7 @@ def encode_image(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> by
     return buffer.getvalue()
 
 
-def data_url(image: Image.Image, fmt: str = "JPEG") -> str:
+def data_url(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> str:
     """An image as a base64 data URL for OpenAI-compatible chat messages."""
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(encode_image(image, fmt)).decode()
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(encode_image(image, fmt, quality)).decode()
 

@@ -55,9 +55,15 @@ def _check_form(answer_form: str) -> None:
 
 
 def reasoning_post_prompt(answer_form: str, training: bool = False) -> str:
-    """The post-prompt asking for <think> reasoning and an <answer> of the given form."""
-    _check_form(answer_form)
-    tail = _FREE_FORM_TRAIN_TAIL if training and answer_form == "free_form" else _REASON_TAIL[answer_form]
+    """The post-prompt asking for <think> reasoning and an <answer> of the given form.
+
+    Training has the release's three tails only: any form but mca and na gets the free-form one.
+    """
+    if training:
+        tail = _REASON_TAIL[answer_form] if answer_form in ("mca", "na") else _FREE_FORM_TRAIN_TAIL
+    else:
+        _check_form(answer_form)
+        tail = _REASON_TAIL[answer_form]
     return f"{_REASON_HEAD}{tail} within the <answer> </answer> tags.\n"
 
 
@@ -81,6 +87,15 @@ def reason_text(question: str, answer_form: str, has_evidence: bool, training: b
 def thinking_text(question: str, answer_form: str) -> str:
     """User text of the evaluation `thinking` mode (one reasoning pass on the original image)."""
     return f"Question: {question}\n{THINKING_EVAL}{reasoning_post_prompt(answer_form)}"
+
+
+def service_messages(text: str, image_parts: list[dict]) -> list[dict]:
+    """The release's training calls to a frozen partner (perceiver, reasoner): the system prompt as a
+    plain string, then one user turn of the images followed by the text."""
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [*image_parts, {"type": "text", "text": text}]},
+    ]
 
 
 @dataclass

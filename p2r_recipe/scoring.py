@@ -1,4 +1,10 @@
-"""Scoring: answer extraction, option letters, numeric equivalence, and the verifier's judgement."""
+"""Scoring: answer extraction, option letters, numeric equivalence, and the verifier's judgement.
+
+Two rule sets live here: the release's evaluation rules (`answer_text`, `score_answer`) and
+its training-reward rules (`training_answer`, `score_training`), which differ: training
+scores the whole reply when it has no `<answer>` tags, takes letters A-E, and grades
+numbers with mathruler.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +51,11 @@ VERIFIER_TEMPLATE = (
     "Question: {question}\nGround truth answer: {ground_truth}\nPredicted answer: {answer}\n\n"
     'Is the predicted answer correct? Reply with only "Yes" or "No".'
 )
-VERIFIER_PARAMS = {"temperature": 0.0, "max_tokens": 64, "chat_template_kwargs": {"enable_thinking": False}}
+# The release's verifier request (p2r_reward.py), field for field.
+VERIFIER_PARAMS = {"max_tokens": 64, "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
+# The release's training rules: option letters A-E whatever the question lists; forms scored locally.
+TRAINING_LETTERS = "ABCDE"
+TRAINING_LOCAL_FORMS = ("mca", "na")
 
 
 def answer_text(output: str, mode: str) -> str | None:
@@ -56,6 +66,16 @@ def answer_text(output: str, mode: str) -> str | None:
     opened = _ANSWER_OPEN.search(output)
     closed = opened and _ANSWER_CLOSE.search(output, opened.end())
     return output[opened.end() : closed.start()].strip() if closed else None
+
+
+def training_answer(output: str) -> tuple[str, bool]:
+    """The training reward's answer: inside the first case-sensitive <answer> tags, else the whole
+    reply; stripped either way. Also says whether the tags were there."""
+    opened = output.find("<answer>")
+    closed = output.find("</answer>", opened + len("<answer>")) if opened >= 0 else -1
+    if closed < 0:
+        return output.strip(), False
+    return output[opened + len("<answer>") : closed].strip(), True
 
 
 def extract_choice(text: str, letters: str = "ABCD") -> str:
@@ -117,6 +137,37 @@ def score_choice(prediction: str, ground_truth: str, letters: str = "ABCD") -> f
 
 def score_number(prediction: str, ground_truth: str) -> float:
     return float(numbers_equal(prediction, ground_truth))
+
+
+def grade_number(prediction: str, ground_truth: str) -> bool:
+    """The release's training rule for numeric answers: mathruler's `grade_answer`, any exception False.
+
+    One guard of ours: an answer that could make sympy compute an astronomically large value
+    (see `_explosive`) is False unless it equals the ground truth as text, since the release
+    would hang the reward there.
+    """
+    if prediction.strip() == ground_truth.strip():
+        return True
+    if len(prediction) > MAX_MATH_CHARS or _explosive(prediction):
+        return False
+    from mathruler.grader import grade_answer
+
+    try:
+        return bool(grade_answer(prediction, ground_truth))
+    except Exception:
+        return False
+
+
+def score_training(answer: str, ground_truth: str, answer_form: str) -> float:
+    """The release's training reward for a locally checkable answer: mca (first A-E letter, exact match
+    with the stripped, upper-cased truth) and na (mathruler); every other form but free_form scores 0."""
+    if answer_form == "free_form":
+        raise ValueError("free_form answers need the verifier (score_free_form)")
+    if answer_form == "mca":
+        return float(extract_choice(answer, TRAINING_LETTERS) == ground_truth.strip().upper())
+    if answer_form == "na":
+        return float(grade_number(answer, ground_truth))
+    return 0.0
 
 
 def verifier_messages(question: str, ground_truth: str, answer: str) -> list[dict]:

@@ -290,9 +290,9 @@ async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
             task.cancel()
 
 
-def image_part(image: Image.Image) -> dict:
+def image_part(image: Image.Image, quality: int = 95) -> dict:
     """An OpenAI chat content part carrying the image as a JPEG data URL."""
-    return {"type": "image_url", "image_url": {"url": data_url(image)}}
+    return {"type": "image_url", "image_url": {"url": data_url(image, quality=quality)}}
 
 
 class OpenAIEngine:

@@ -18,10 +18,17 @@ Multimodal observations: OpenRLHF 0.11.2's multi-turn executor tokenizes
 `environment_feedback` together with `environment_images` through the VLM processor, so the
 feedback text carries one image placeholder per image. Limitations: the feedback turn is
 written in Qwen's ChatML with Qwen-VL image placeholders (the family P2R trains), so other
-chat formats need their own template; the executor silently drops the evidence images when
-the trajectory would exceed `--data.max_len` (size it for the reasoner, e.g. 12288); and the
-perceive turn may use the whole generation budget, since the executor fixes max_tokens
-before the first step.
+chat formats need their own template; and the executor silently drops the evidence images
+when the trajectory would exceed `--data.max_len` (size it for the reasoner, e.g. 12288).
+
+Length caps. OpenRLHF 0.11.2's multi-turn executor sets every turn's `max_tokens` to
+`max_len - len(tokens so far)` just before generating, over `--rollout.max_new_tokens` and
+over any `sampling_params` a step returned, so a perceive turn could run to 3,000+ tokens.
+`AgentExecutor.execute` therefore hands the executor the engine wrapped in `TurnCaps`,
+which lowers each turn's `max_tokens` to the release's cap for the role that turn plays:
+`P2R_PERCEIVE_MAX_TOKENS` (default 1024) and `P2R_REASON_MAX_TOKENS` (default 2048), set
+from the config's `response_max_len` by `p2r_recipe.train.command`. A turn never gets more
+than the executor's own budget either.
 """
 
 from __future__ import annotations
@@ -37,11 +44,37 @@ from p2r_recipe.images import ImageError
 from p2r_recipe.prompts import reason_text
 from p2r_recipe.train.data import TrainSample
 from p2r_recipe.train.reward import Outcome, RewardConfig, box_rule, rewarder, strip_end_tokens
+from p2r_recipe.train.config import TURN_CAP_VARS
+from p2r_recipe.train.services import env_number
 
 AGENTS = ("role", "joint")
 END_OF_TURN = "<|im_end|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 USER_TURN = "\n<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def turn_caps(agent: str, role: str, env=None) -> list[int]:
+    """max_tokens of each turn, in order: the role's cap (role agent), or perceive then reason (joint)."""
+    env = os.environ if env is None else env
+    roles = ("perceiver", "reasoner") if agent == "joint" else (role,)
+    return [env_number(env, *TURN_CAP_VARS[r], int) for r in roles]
+
+
+class TurnCaps:
+    """The rollout engine of one trajectory, seen through the release's per-turn response caps.
+
+    `generate` receives the executor's own copy of the sampling parameters for that turn,
+    so lowering its max_tokens affects that request only.
+    """
+
+    def __init__(self, engine, caps: list[int]):
+        self.engine, self.caps, self.turn = engine, caps, 0
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        cap = self.caps[min(self.turn, len(self.caps) - 1)]
+        self.turn += 1
+        sampling_params.max_tokens = min(sampling_params.max_tokens, cap)
+        return await self.engine.generate(prompt_token_ids, sampling_params, multi_modal_data=multi_modal_data)
 
 
 def _final(outcome: Outcome, states: dict, extra: dict[str, float] | None = None) -> dict:
@@ -106,10 +139,15 @@ class JointAgent(AgentInstanceBase):
 
 
 class AgentExecutor(MultiTurnAgentExecutor):
-    """What OpenRLHF instantiates: the agent named by P2R_AGENT (role | joint)."""
+    """What OpenRLHF instantiates: the agent named by P2R_AGENT (role | joint), each turn held to its cap."""
 
     def __init__(self):
         kind = os.environ.get("P2R_AGENT", "role")
         if kind not in AGENTS:
             raise ValueError(f"P2R_AGENT={kind!r}: set it to one of {AGENTS}")
+        self.caps = turn_caps(kind, RewardConfig.from_env().role if kind == "role" else "reasoner")
         super().__init__(RoleAgent if kind == "role" else JointAgent)
+
+    async def execute(self, prompt, label, sampling_params, max_length, hf_tokenizer, llm_engine, images=None):
+        engine = TurnCaps(llm_engine, self.caps)
+        return await super().execute(prompt, label, sampling_params, max_length, hf_tokenizer, engine, images)

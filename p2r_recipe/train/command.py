@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import AGENT_FILE, REWARD_FILE
-from .config import TrainConfig
+from .config import TURN_CAP_VARS, TrainConfig
 from .data import OPENRLHF_DATA_FLAGS
 from .services import ServiceConfig
 
@@ -89,6 +89,10 @@ def openrlhf_args(config: TrainConfig, agent: bool = True) -> list[str]:
         "--algo.kl.estimator": config.kl_estimator,
         "--algo.kl.init_coef": config.kl_loss_coef,
         "--actor.adam.lr": config.learning_rate,
+        "--actor.lr_scheduler": config.lr_scheduler,
+        "--actor.lr_warmup_ratio": config.lr_warmup_ratio,
+        "--actor.adam.weight_decay": config.weight_decay,
+        "--actor.max_norm": config.max_norm,
         "--actor.entropy_coef": config.entropy_coef,
         "--actor.num_nodes": config.num_nodes,
         "--actor.num_gpus_per_node": config.gpus_per_node,
@@ -103,6 +107,13 @@ def openrlhf_args(config: TrainConfig, agent: bool = True) -> list[str]:
         "--ckpt.save_steps": config.save_steps,
         "--logger.tensorboard_dir": output / "tensorboard",
     }
+    if config.eval_dataset:
+        values |= {
+            "--eval.dataset": _local(config.eval_dataset),
+            "--eval.steps": config.eval_steps,
+            "--eval.temperature": config.eval_temperature,
+            "--eval.n_samples_per_prompt": config.eval_n_samples_per_prompt,
+        }
     if agent or config.role == "joint":
         values["--train.agent_func_path"] = AGENT_FILE.resolve()
     else:
@@ -118,6 +129,7 @@ def openrlhf_args(config: TrainConfig, agent: bool = True) -> list[str]:
         "--actor.freeze_visual_encoder": config.freeze_visual_encoder,
     }
     argv = [part for flag, value in values.items() for part in (flag, str(value))]
+    argv += ["--actor.adam.betas", str(config.adam_beta1), str(config.adam_beta2)]
     # The dataset's column flags come from the module that writes the dataset.
     argv += [part for flag, value in OPENRLHF_DATA_FLAGS.items() for part in (flag, value) if part is not None]
     return argv + [flag for flag, on in switches.items() if on] + list(config.extra_args)
@@ -133,6 +145,13 @@ def service_env(names: tuple[str, ...], env: Mapping[str, str] | None = None) ->
         if service.api_key:
             out[f"{prefix}_API_KEY"] = service.api_key
     return out
+
+
+def turn_cap_env(config: TrainConfig) -> dict[str, str]:
+    """The agent's response cap for this role's turns (the joint agent's perceive turn), from response_max_len:
+    OpenRLHF 0.11.2's multi-turn executor ignores --rollout.max_new_tokens."""
+    role = "reasoner" if config.role == "reasoner" else "perceiver"
+    return {TURN_CAP_VARS[role][0]: str(config.response_max_len)}
 
 
 def role_env(role: str, agent: bool) -> dict[str, str]:
@@ -154,7 +173,7 @@ def build_command(
     """
     env = os.environ if env is None else env
     variables = {k: v for k, v in env.items() if k.startswith("P2R_")}
-    variables |= role_env(config.role, agent) | service_env(NEEDED_SERVICES[config.role], env)
+    variables |= role_env(config.role, agent) | turn_cap_env(config) | service_env(NEEDED_SERVICES[config.role], env)
     argv = [python, "-m", "openrlhf.cli.train_ppo_ray", *openrlhf_args(config, agent)]
     address = env.get("RAY_ADDRESS", "")
     if address in ("", "local"):

@@ -11,6 +11,9 @@ import yaml
 
 ROLES = ("perceiver", "reasoner", "joint")
 BASE_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+# The agent's per-turn response caps (p2r_recipe.train.agent.TurnCaps): the variable each role's cap travels
+# in, and the release's value (S1 1024, S2 2048 tokens).
+TURN_CAP_VARS = {"perceiver": ("P2R_PERCEIVE_MAX_TOKENS", 1024), "reasoner": ("P2R_REASON_MAX_TOKENS", 2048)}
 
 
 @dataclass
@@ -29,7 +32,14 @@ class TrainConfig:
     n_samples_per_prompt: int = 8
     rollout_batch_size: int = 64
     train_batch_size: int = 64
+    # AdamW at a constant learning rate, no warm-up; gradients clipped to norm 1.0.
     learning_rate: float = 1e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_ratio: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.01
+    max_norm: float = 1.0
     kl_loss_coef: float = 0.01
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
@@ -39,16 +49,22 @@ class TrainConfig:
     response_max_len: int = 1024
     rollout_max_len: int = 4096
     temperature: float = 1.0
+    # Micro-batches per GPU (the release's 8 for the update, the rollout log-probs and the reference).
+    micro_train_batch_size: int = 8
+    micro_rollout_batch_size: int = 8
+    # Validation every `eval_steps` on a held-out slice ("" = none), greedy, one rollout per prompt.
+    eval_dataset: str = ""
+    eval_steps: int = 10
+    eval_temperature: float = 0.0
+    eval_n_samples_per_prompt: int = 1
     # Hardware: one node, every GPU shared by the policy, the reference and one vLLM engine.
     num_nodes: int = 1
     gpus_per_node: int = 4
     vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.6
+    vllm_gpu_memory_utilization: float = 0.8
     # The perceiver sees one image; the reasoner the annotated image and up to 3 crops.
     max_images_per_prompt: int = 1
     # Ours: memory and throughput settings.
-    micro_train_batch_size: int = 2
-    micro_rollout_batch_size: int = 4
     update_epochs: int = 1
     zero_stage: int = 3
     gradient_checkpointing: bool = True
@@ -87,6 +103,8 @@ class TrainConfig:
             )
         if self.kl_estimator not in ("k1", "k2", "k3"):
             problems.append(f"kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        if self.lr_scheduler == "constant" and self.lr_warmup_ratio:
+            problems.append("lr_scheduler=constant ignores lr_warmup_ratio; use constant_with_warmup for a warm-up")
         if self.max_images_per_prompt < 1:
             problems.append("max_images_per_prompt must be >= 1 for a vision-language policy")
         if problems:

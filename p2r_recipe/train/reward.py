@@ -21,22 +21,25 @@ Environment.
 - `P2R_REASONER_MAX_TOKENS`: the frozen reasoner's answer budget (default 2048, the release's).
 - `P2R_REWARD_LOG`: optional path; one JSON line per rollout (answer, prediction, reason).
 
-Rules (the release's, in order). Perceiver: any pair of valid boxes with IoU > 0.5 -> 0
-(`iou_penalty`); any box label empty or literally "description" -> 0 (`label_penalty`);
-else the evidence goes to the frozen reasoner (temperature 0, max_tokens 2048, training
-reasoning prompt for the answer form) and its answer is scored. An output with no valid
-box (including `[]`, "the whole image") is not penalised: as in the release, the reasoner
-answers from the original image with the no-evidence prompt (`no_evidence` = 1) and that
-answer is scored. Reasoner: the policy's own `<answer>` is scored. Free-form answers go
-to the verifier, read strictly (`scoring.parse_verdict`).
+Rules (the release's, in order). Perceiver: any pair of ALL valid boxes with IoU > 0.5 on
+the coordinates as written -> 0 (`iou_penalty`); any box label missing, empty, null or
+"description" (case and surrounding spaces ignored) -> 0 (`label_penalty`; ours: a label
+that is not a string is penalised too, where the release raises); else the evidence goes
+to the frozen reasoner (`service_messages`, JPEG quality 75, max_tokens 2048, temperature
+0, nothing else) and its answer is scored. An output with no valid box (including `[]`)
+is not penalised: the reasoner answers from the original image with the no-evidence
+prompt (`no_evidence` = 1). Reasoner: the policy's own answer is scored. Answers follow
+`scoring.training_answer` (first `<answer>` tags, else the whole reply; `untagged` = 1)
+and `scoring.score_training` (mca: first letter A-E; na: mathruler; other forms 0).
+Free-form answers go to the verifier, read strictly (`scoring.parse_verdict`).
 
 Failures. A service that stays down through its retries raises `ServiceUnavailable`
 naming it: never a reward of 0. OpenRLHF 0.11.2's single-turn executor catches exceptions
 from `reward_func` and logs them at INFO, leaving the rollout without a reward; training
 then stops at the experience step with OpenRLHF's own error. The cause is therefore also
 logged here at ERROR. `p2r_recipe/train/agent.py` lets the exception propagate instead.
-Per-rollout problems that are not outages score 0 and raise their flag: `no_answer`
-(no answer tags), `verifier_unparsed` (verifier said neither yes nor no),
+Per-rollout problems that are not outages score 0 and raise their flag:
+`verifier_unparsed` (verifier said neither yes nor no),
 `request_rejected` (a service refused that request, e.g. too long), `image_error`
 (the original image cannot be read).
 """
@@ -59,20 +62,20 @@ from PIL import Image
 
 from p2r_recipe.engines.openai import RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
 from p2r_recipe.evidence import PLACEHOLDER_LABEL, Box, gather_evidence, iou, parse_boxes
-from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelBudget, load_image
-from p2r_recipe.prompts import Prompt, reason_text
-from p2r_recipe.scoring import VerdictError, answer_text, extract_choice, score_answer, score_free_form
+from p2r_recipe.images import TRAIN_BUDGET, TRAIN_JPEG_QUALITY, ImageError, PixelBudget, load_image
+from p2r_recipe.prompts import reason_text, service_messages
+from p2r_recipe.scoring import TRAINING_LETTERS, VerdictError, extract_choice, score_free_form, score_training, training_answer
 from p2r_recipe.train.data import TrainSample
 from p2r_recipe.train.services import ServiceConfig, env_number
 
 ROLES = ("perceiver", "reasoner")
-REASONER_PARAMS = {"temperature": 0.0, "max_tokens": 2048}  # the release's, for the frozen reasoner
+REASONER_PARAMS = {"max_tokens": 2048, "temperature": 0}  # the release's request to the frozen reasoner, all of it
 IOU_LIMIT = 0.5
 # Up to this many boxes (120 pairs, under 0.1 ms) the pairs are checked one by one. The check runs on the
 # event loop, where the tensor version took ~0.4 ms per rollout while threads prepared images (small
 # torch calls, torch.triu above all, slow down when the cores are busy), delaying every request.
 PAIRWISE_MAX_BOXES = 16
-FAILURES = ("iou_penalty", "label_penalty", "no_answer", "verifier_unparsed", "request_rejected", "image_error")
+FAILURES = ("iou_penalty", "label_penalty", "verifier_unparsed", "request_rejected", "image_error")
 # The 8 rollouts of a prompt share one decoded original; high-resolution images are large, so keep few.
 IMAGE_CACHE_SIZE = 8
 # Placeholder tokens a VLM processor repeats once per visual token (Qwen-VL, Gemma).
@@ -90,12 +93,16 @@ class Outcome:
     reason: str = ""  # one of FAILURES, or "" when the answer was scored
     box_count: int = 0
     has_evidence: bool = False
-    answer: str | None = None  # the text inside <answer> tags (the reasoner's or the policy's)
+    answer: str | None = None  # the scored answer text (the reasoner's or the policy's)
     prediction: str = ""  # what was compared with the ground truth
+    untagged: bool = False  # the reply had no <answer> tags, so all of it was the answer
 
     def logs(self) -> dict[str, float]:
         flags = {code: float(self.reason == code) for code in FAILURES}
-        return {"box_count": float(self.box_count), "no_evidence": float(not self.has_evidence), **flags}
+        return {
+            "box_count": float(self.box_count), "no_evidence": float(not self.has_evidence),
+            "untagged": float(self.untagged), **flags,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,11 +167,19 @@ def _overlapping(boxes: list[Box], rows: int = 128) -> bool:
     return False
 
 
+def bad_label(label: object) -> bool:
+    """The release's label rule: missing, empty or null, or "description" in any case with any surrounding
+    whitespace (a whitespace-only label passes). Ours: any other non-string is bad too (the release raises)."""
+    if not label or not isinstance(label, str):
+        return True
+    return label.strip().lower() == PLACEHOLDER_LABEL
+
+
 def box_rule(boxes: list[Box]) -> str:
     """The release's box penalties in order: '' when the boxes pass, else the failure code."""
     if _overlapping(boxes):
         return "iou_penalty"
-    if any(b.label.strip() in ("", PLACEHOLDER_LABEL) for b in boxes):
+    if any(bad_label(b.raw_label) for b in boxes):
         return "label_penalty"
     return ""
 
@@ -223,7 +238,7 @@ class Rewarder:
         """
         images, has_evidence = self.evidence(sample, boxes)
         text = reason_text(sample.question, sample.answer_form, has_evidence, training=True)
-        return Prompt(text, images).messages([image_part(im) for im in images]), has_evidence
+        return service_messages(text, [image_part(im, TRAIN_JPEG_QUALITY) for im in images]), has_evidence
 
     async def _perceiver(self, response: str, sample: TrainSample) -> Outcome:
         boxes = parse_boxes(response)
@@ -243,27 +258,24 @@ class Rewarder:
         return replace(await self.judge(reply, sample), box_count=len(boxes), has_evidence=has_evidence)
 
     async def judge(self, text: str, sample: TrainSample) -> Outcome:
-        """Score the answer inside the <answer> tags of `text` against the sample's ground truth."""
-        answer = answer_text(text, "p2r")
-        if answer is None:
-            return Outcome(0.0, "no_answer")
+        """Score `text`'s answer (the release's training rules, `scoring.training_answer`) against the ground truth."""
+        answer, tagged = training_answer(text)
+        found = {"answer": answer, "prediction": answer, "untagged": not tagged}
         if sample.answer_form == "free_form":
             try:
                 score = await score_free_form(sample.question, sample.answer, answer, self.verifier.text)
             except VerdictError as exc:
                 logger.warning("sample %s: %s", sample.id, exc)
-                return Outcome(0.0, "verifier_unparsed", answer=answer, prediction=answer)
+                return Outcome(0.0, "verifier_unparsed", **found)
             except RequestRejected as exc:
                 logger.warning("sample %s: %s", sample.id, exc)
-                return Outcome(0.0, "request_rejected", answer=answer, prediction=answer)
-            return Outcome(score, answer=answer, prediction=answer)
+                return Outcome(0.0, "request_rejected", **found)
+            return Outcome(score, **found)
         if sample.answer_form == "mca":
-            prediction = extract_choice(answer, sample.letters)
-            return Outcome(score_answer(answer, sample.answer, "mca", sample.letters), answer=answer, prediction=prediction)
+            found["prediction"] = extract_choice(answer, TRAINING_LETTERS)
+            return Outcome(score_training(answer, sample.answer, "mca"), **found)
         # Numeric equivalence may go through sympy: keep it off the event loop.
-        return Outcome(
-            await asyncio.to_thread(score_answer, answer, sample.answer, sample.answer_form), answer=answer, prediction=answer
-        )
+        return Outcome(await asyncio.to_thread(score_training, answer, sample.answer, sample.answer_form), **found)
 
     def log(self, sample: TrainSample, response: str, outcome: Outcome) -> None:
         """Append the rollout's texts and outcome to $P2R_REWARD_LOG, when set."""
