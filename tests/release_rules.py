@@ -40,7 +40,7 @@ def parse(text):
 
 
 def evidence(image_bytes, text, max_crops=3):
-    """Returns (images, boxes) for in-range boxes, exactly as the rules read."""
+    """Returns (images, boxes) exactly as the rules read (coordinates as written; crops clamped after padding)."""
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     w, h = image.size
     boxes = parse(text)

@@ -1,5 +1,6 @@
 import io
 import json
+import math
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -50,9 +51,24 @@ def test_invalid_boxes_are_dropped(coords):
 
 def test_non_finite_and_out_of_range_coordinates():
     assert parse_boxes('[{"bbox_2d": [NaN, 1, 5, 5]}, {"bbox_2d": [1, 1, Infinity, 5]}]') == []
-    assert parse_boxes('[{"bbox_2d": [-50, 10, 1500, 20], "label": "wide"}]') == [Box((0, 10, 1000, 20), "wide")]
-    assert parse_boxes('[{"bbox_2d": [1200, 10, 1500, 20]}]') == []  # entirely off the image
+    # Kept as written, as the release keeps them: IoU and drawing see these numbers.
+    assert parse_boxes('[{"bbox_2d": [-50, 10, 1500, 20], "label": "wide"}]') == [Box((-50, 10, 1500, 20), "wide")]
+    assert parse_boxes('[{"bbox_2d": [1200, 10, 1500, 20]}]') == [Box((1200, 10, 1500, 20))]
     assert parse_boxes('[{"bbox_2d": [1e308, 1, 1e309, 5]}]') == []
+
+
+def test_iou_uses_coordinates_as_written():
+    # Clamped to 0..1000 these two would be the same box (IoU 1); as written they barely overlap.
+    a, b = parse_boxes(boxes_json((-900, 0, 100, 100), (0, 0, 1000, 100)))
+    assert iou(a, b) == pytest.approx(100 / 1900)
+
+
+def test_off_image_box_is_drawn_but_not_cropped():
+    image = scene()
+    ev = gather_evidence(image, boxes_json((1200, 10, 1500, 20), (100, 100, 300, 250)))
+    assert len(ev.boxes) == 2 and len(ev.crops) == 1  # the off-image box gives an empty crop, skipped
+    # A box at 1e300 is drawn (off the image) without overflowing the drawing code.
+    assert gather_evidence(image, boxes_json((10, 10, 500, 500), (0, 0, 1e300, 1e300))).has_evidence
 
 
 def test_labels_are_kept_as_text():
@@ -103,6 +119,7 @@ def test_no_box_falls_back_to_original():
         boxes_json((100, 100, 300, 250)),
         boxes_json((0, 0, 1000, 1000), (10, 900, 990, 1000), (500, 500, 501, 501), (20, 30, 40, 50)),
         'The evidence: {"bbox_2d": [700, 10, 990, 300], "label": "sign"} and {"bbox_2d": [1, 1, 2, 2], "label": "x"}',
+        boxes_json((-50, -20, 1500, 400), (900, 950, 1300, 1200), (1200, 10, 1500, 20), (100, 100, 200, 200)),
         "nothing here",
     ],
 )
@@ -121,7 +138,7 @@ def test_matches_release_rules_pixel_for_pixel(size, text):
 def test_parse_never_raises_on_arbitrary_text(text):
     for box in parse_boxes(text):
         x1, y1, x2, y2 = box.bbox_2d
-        assert 0 <= x1 < x2 <= 1000 and 0 <= y1 < y2 <= 1000
+        assert x1 < x2 and y1 < y2 and all(math.isfinite(c) for c in box.bbox_2d)
 
 
 finite = st.one_of(st.integers(-2000, 3000), st.floats(allow_nan=True, allow_infinity=True))

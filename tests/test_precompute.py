@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from rollouts import image_count, user_text
 from servers import ScriptedServer
 
 from p2r_recipe import prompts
-from p2r_recipe.images import TRAIN_BUDGET
+from p2r_recipe.images import TRAIN_BUDGET, encode_image, fit_to_budget, load_image
 from p2r_recipe.train import data, precompute
 from p2r_recipe.train.data import TrainSample
 from p2r_recipe.train.precompute import PERCEIVE_PARAMS
@@ -63,7 +64,15 @@ def test_reasoner_prompts_and_evidence_files(tmp_path):
     assert (summary["written"], summary["no_evidence"], summary["failed"]) == (9, 2, 0)
 
     request = server.requests[0]
-    assert image_count(request) == 1 and {k: request[k] for k in PERCEIVE_PARAMS} == PERCEIVE_PARAMS
+    # The release's request, all of it: system as a string, the original fitted to 4,096..2,097,152 pixels, JPEG q75.
+    assert set(request) == {"model", "messages", "max_tokens", "temperature"}
+    assert {k: request[k] for k in PERCEIVE_PARAMS} == {"max_tokens": 2048, "temperature": 0}
+    assert request["messages"][0] == {"role": "system", "content": prompts.SYSTEM_PROMPT}
+    assert image_count(request) == 1
+    sent = request["messages"][1]["content"][0]["image_url"]["url"]
+    first = next(s for s in items if s.question in user_text(request))
+    expected = fit_to_budget(load_image(first.image), TRAIN_BUDGET.max_pixels, 4096)
+    assert sent == "data:image/jpeg;base64," + base64.b64encode(encode_image(expected, quality=75)).decode()
     asked = {user_text(r) for r in server.requests}
     assert asked == {prompts.perceive_text(s.question, training=True) for s in items}
 
@@ -75,7 +84,7 @@ def test_reasoner_prompts_and_evidence_files(tmp_path):
         if not boxes:
             assert row["images"] == [sample.fitted_image]
         text = prompts.reason_text(sample.question, sample.answer_form, boxes > 0, training=True)
-        assert row["prompt"] == prompts.Prompt(text, row["images"]).messages()
+        assert row["prompt"] == data.policy_messages(text, len(row["images"]))
         for path in row["images"] if boxes else []:
             with Image.open(path) as image:
                 assert image.width * image.height <= TRAIN_BUDGET.max_pixels and image.width % 32 == image.height % 32 == 0
@@ -163,12 +172,24 @@ def test_per_sample_failures_are_reported_and_retried_next_time(tmp_path):
 
     with ScriptedServer(reply) as server:
         summary = precompute.run(items, tmp_path / "out", config(server))
-        assert summary["written"] == 3 and summary["failed"] == 3
+        assert summary["written"] == 4 and summary["failed"] == 2 and summary["perceiver_refused"] == 1
         reasons = {f["id"]: f["reason"] for f in summary["failures"]}
         assert reasons["2"].startswith("image: unreadable image") and reasons["3"].startswith("image: ")
-        assert "rejected the request: HTTP 400" in reasons["4"]
+        # As in the release, a refused request keeps the sample: original image, no-evidence prompt.
+        kept = next(TrainSample.from_label(r["label"]) for r in rows(tmp_path / "out") if r["label"].find('"4"') > 0)
+        assert (kept.box_count, kept.has_evidence) == (0, False)
         again = precompute.run(items, tmp_path / "out", config(server))
-    assert again["service_calls"] == 1 and again["failed"] == 3
+    assert again["service_calls"] == 1 and again["failed"] == 2  # the refused request is asked again
+
+
+def test_empty_perceiver_answer_keeps_the_sample_without_evidence(tmp_path):
+    items = samples(tmp_path, 3)
+    with ScriptedServer(lambda body: "" if "square 0?" in user_text(body) else perceiver(body)) as server:
+        summary = precompute.run(items, tmp_path / "out", config(server))
+    assert (summary["written"], summary["failed"], summary["perceiver_empty"]) == (3, 0, 1)
+    row = rows(tmp_path / "out")[0]
+    text = prompts.reason_text(items[0].question, items[0].answer_form, False, training=True)
+    assert row["images"] == [items[0].fitted_image] and row["prompt"] == data.policy_messages(text, 1)
 
 
 def test_data_cli_builds_the_reasoner_dataset(tmp_path, monkeypatch):

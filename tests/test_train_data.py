@@ -35,16 +35,15 @@ def test_parquet_with_embedded_images(tmp_path):
     assert data.main(["--role", "perceiver", "--source", str(source), "--out", str(out)]) == 0
 
     summary = json.loads((out / "summary_perceiver.json").read_text())["conversion"]
-    assert summary["rows"] == 10 and summary["samples"] == 6 and summary["rejected"] == 4
-    assert summary["rejected_by_reason"] == {
-        "corrupt_image": 1, "unknown_answer_form": 1, "bad_choice_answer": 1, "image_count": 1,
-    }  # fmt: skip
-    assert {r["id"] for r in summary["rejected_rows"]} == {"100", "101", "102", "103"}
-    assert summary["answer_forms"] == {"mca": 2, "na": 2, "free_form": 2}
+    # The release keeps an mca row whose truth is no letter (it just never scores); so do we.
+    assert summary["rows"] == 10 and summary["samples"] == 7 and summary["rejected"] == 3
+    assert summary["rejected_by_reason"] == {"corrupt_image": 1, "unknown_answer_form": 1, "image_count": 1}
+    assert {r["id"] for r in summary["rejected_rows"]} == {"100", "101", "103"}
+    assert summary["answer_forms"] == {"mca": 3, "na": 2, "free_form": 2}
 
     lines = [json.loads(line) for line in (out / "perceiver.jsonl").read_text().splitlines()]
-    assert len(lines) == 6
-    for i, line in enumerate(lines):
+    assert len(lines) == 7 and not (out / "perceiver_val.jsonl").read_text()  # 7 rows: nothing held out
+    for i, line in enumerate(lines[:6]):
         sample = TrainSample.from_label(line["label"])
         form = p2r10k.forms(6)[i]
         assert (sample.id, sample.question, sample.answer_form) == (str(i), p2r10k.question(i, form), form)
@@ -52,8 +51,8 @@ def test_parquet_with_embedded_images(tmp_path):
         assert line["images"] == [sample.fitted_image] and os.path.isabs(sample.image)
         assert Path(sample.image).read_bytes() == p2r10k.png(p2r10k.picture(i))  # stored as is, by content hash
         text = prompts.perceive_text(sample.question, training=True)
-        assert line["prompt"] == prompts.Prompt(text, [sample.fitted_image]).messages()
-    assert TrainSample.from_label(lines[0]["label"]).letters == "ABCD"
+        # The release's rollout prompt "<image>\n" + text, cut at the tag as verl cuts it.
+        assert line["prompt"][1]["content"] == [{"type": "image"}, {"type": "text", "text": "\n" + text}]
 
 
 def test_jsonl_paths_stay_inside_the_image_root(tmp_path):
@@ -108,22 +107,61 @@ def test_paths_without_image_root_are_rejected(tmp_path):
     assert not conversion.samples and {r["reason"] for r in conversion.rejected} == {"missing_image"}
 
 
-def test_option_letters_follow_the_question():
-    assert data._letters("Q?\n(A) x\n(B) y", "B") == "ABCD"
-    assert data._letters("Q?\nA. x\nB. y\nC. z\nD. w\nE. v\nF. u", "(B)") == "ABCDEF"
-    assert data._letters("Q?", "E") == "ABCDE"
-    with pytest.raises(data.RowError):
-        data._letters("Q?", "yes")
+def test_question_is_the_prompt_text_over_extra_info():
+    row = p2r10k.row(0, "mca", "x.png")
+    row["extra_info"]["question"] = "What colour is square 0?"  # the options are only in the prompt
+    row["prompt"] = [
+        {"role": "system", "content": "sys <image>"},
+        {"role": "user", "content": "<image>\n <image>\t" + p2r10k.question(0, "mca") + "  \n"},
+        {"role": "user", "content": "a later turn"},
+    ]
+    assert data._question(row) == p2r10k.question(0, "mca")  # every tag and the whitespace after it removed
+    row["prompt"][1]["content"] = [{"type": "image"}, {"type": "text", "text": "<image> Q1?"}, {"type": "text", "text": "Q2"}]
+    assert data._question(row) == "Q1?"  # the first text part
+    row["prompt"] = [{"role": "user", "content": "<image>"}]
+    assert data._question(row) == "What colour is square 0?"  # no prompt text: extra_info.question
+    row["extra_info"]["question"] = ""
+    with pytest.raises(data.RowError, match="missing_question"):
+        data._question(row)
 
 
-def test_question_falls_back_to_the_prompt_text():
-    row = p2r10k.row(0, "na", "x.png")
-    del row["extra_info"]["question"]
-    assert data._question(row) == p2r10k.question(0, "na")
+def test_rows_without_answer_form_are_free_form(tmp_path):
+    row = p2r10k.row(0, "na", {"bytes": p2r10k.png(p2r10k.picture(0)), "path": None})
+    del row["extra_info"]["answer_form"]
+    [sample] = data.convert(str(p2r10k.write_parquet(tmp_path / "t.parquet", [row])), tmp_path / "out").samples
+    assert sample.answer_form == "free_form"
+
+
+def test_policy_prompt_writes_image_then_newline_per_image():
+    assert data.policy_messages("Q", 3)[1]["content"] == [
+        {"type": "image"}, {"type": "text", "text": "\n"}, {"type": "image"}, {"type": "text", "text": "\n"},
+        {"type": "image"}, {"type": "text", "text": "\nQ"},
+    ]  # fmt: skip
+
+
+def test_validation_slice_is_seeded_and_held_out(tmp_path):
+    source = p2r10k.write_parquet(tmp_path / "train.parquet", p2r10k.embedded_rows(30))
+
+    def split(out: str, seed: int) -> tuple[list[str], list[str], dict]:
+        assert data.main(["--role", "perceiver", "--source", str(source), "--out", str(tmp_path / out),
+                          "--val-size", "3", "--val-seed", str(seed)]) == 0  # fmt: skip
+        ids = [
+            [TrainSample.from_label(json.loads(line)["label"]).id for line in (tmp_path / out / name).read_text().splitlines()]
+            for name in ("perceiver.jsonl", "perceiver_val.jsonl")
+        ]
+        return *ids, json.loads((tmp_path / out / "summary_perceiver.json").read_text())["validation"]
+
+    train, val, summary = split("a", 0)
+    assert len(val) == 3 and len(train) == 27 and not set(train) & set(val)
+    assert summary == {"size": 3, "seed": 0, "ids": val}
+    assert split("b", 0)[:2] == (train, val)  # the same seed holds out the same rows
+    assert split("c", 1)[1] != val
+    assert data.hold_out(list(range(1000)), 64, 0)[1] == data.hold_out(list(range(1000)), 64, 0)[1]
+    assert len(data.hold_out(list(range(100)), 64, 0)[1]) == 10  # at most a tenth
 
 
 def test_label_round_trip_and_bad_labels():
-    sample = TrainSample("7", "Q?", "A", "mca", "/x.png", letters="ABCDE", has_evidence=True, box_count=2)
+    sample = TrainSample("7", "Q?", "A", "mca", "/x.png", has_evidence=True, box_count=2)
     assert TrainSample.from_label(sample.to_label()) == sample
     with pytest.raises(ValueError, match="not a P2R training label"):
         TrainSample.from_label('{"id": "1"}')
@@ -146,7 +184,7 @@ def test_rows_load_through_openrlhf_and_the_chat_template(tmp_path, tiny_model_d
         text = prompts.perceive_text(sample.question, training=True)
         assert prompt == (
             f"<|im_start|>system\n{prompts.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-            f"<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+            f"<|vision_start|><|image_pad|><|vision_end|>\n{text}<|im_end|>\n<|im_start|>assistant\n"
         )
         assert [im.size for im in load_images(item["images"])] == [(320, 256)]  # the fitted copy
 

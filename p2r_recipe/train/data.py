@@ -3,9 +3,12 @@
 A P2R-10k row (verl-style parquet) carries `prompt` (chat messages with `<image>` tags),
 `images` (a list of `{"bytes", "path"}` structs or paths), the ground truth
 (`reward_model.ground_truth`), and `extra_info` with `answer_form` in {mca, na, free_form}
-and the bare `question`. Local parquet/JSONL files of the same shape work too; image
-paths are resolved inside `--image-root`, embedded image bytes are written once under
-`OUT/images/` (named by content hash).
+and the bare `question`. As in the release, the question is the first user message's text
+with every `<image>` tag and the whitespace after it removed, stripped (it carries the
+options, and wins over `extra_info.question`, which is used only when the prompt has no
+text), and a row without `answer_form` is free-form. Local parquet/JSONL files of the same
+shape work too; image paths are resolved inside `--image-root`, embedded image bytes are
+written once under `OUT/images/` (named by content hash).
 
 The policy sees a copy of each image fitted to the training pixel budget (`TRAIN_BUDGET`,
 upright RGB, JPEG, under `OUT/images/fitted/`): OpenRLHF sizes images with the checkpoint's
@@ -15,7 +18,15 @@ the original (`TrainSample.image`), as in evaluation.
 
 Each output line is `{"prompt": [chat messages], "images": [paths], "label": "<json>",
 "datasource": ...}`: train with `--data.input_key prompt --data.label_key label
---data.image_key images --data.apply_chat_template`. The label is a `TrainSample`.
+--data.image_key images --data.apply_chat_template`. The label is a `TrainSample`. The user
+turn is the release's rollout prompt, `"<image>\n" * n + text` split at the tags as verl
+splits it: [image, "\n", image, ..., image, "\n" + text].
+
+Validation. The release did not publish its validation file, so `--val-size` prompts
+(default 64, one rollout batch; at most a tenth of the usable samples) are held out of the
+training file into `*_val.jsonl`: a random slice drawn with `--val-seed` (default 0) from
+the usable samples in source order, so the same source, size and seed always hold out the
+same rows, in both stages.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import sys
 import threading
@@ -45,7 +57,8 @@ from p2r_recipe.images import TRAIN_BUDGET, ImageError, encode_image, fit_to_bud
 HUB_ID = "hongxingli/P2R-10k"
 ROLES = ("perceiver", "reasoner")
 ANSWER_FORMS = ("mca", "na", "free_form")
-OPTION_LETTERS = "ABCDEFGH"
+DEFAULT_ANSWER_FORM = "free_form"  # the release's, for rows without one
+VAL_SIZE, VAL_SEED = 64, 0
 # The OpenRLHF flags that read the rows written here (None: a switch without a value).
 OPENRLHF_DATA_FLAGS = {
     "--data.input_key": "prompt",
@@ -53,7 +66,7 @@ OPENRLHF_DATA_FLAGS = {
     "--data.image_key": "images",
     "--data.apply_chat_template": None,
 }
-_OPTION_LINE = re.compile(r"(?m)^\s*\(?([A-H])[.):]")
+_IMAGE_TAG = re.compile(r"<image>\s*")
 _BATCH = 256
 
 
@@ -67,7 +80,6 @@ class TrainSample:
     answer_form: str
     image: str  # absolute path of the original image, which evidence is cut from
     fitted_image: str = ""  # the copy the policy sees, fitted to the training pixel budget
-    letters: str = "ABCD"  # option letters an mca answer may use
     datasource: str = "p2r"
     box_count: int = 0  # stage 2: valid boxes the frozen perceiver reported
     has_evidence: bool = False  # stage 2: the prompt shows the annotated image and crops
@@ -135,22 +147,27 @@ def read_rows(source: str) -> Iterator[dict | RowError]:
         yield from batch.to_pylist()
 
 
+def _prompt_question(messages: Any) -> str:
+    """The release's question: the first user message's text (a string, or its first text part), with every
+    `<image>` tag and the whitespace after it removed, stripped."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    user = next((m for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"), None)
+    content = user.get("content") if user else None
+    if isinstance(content, list):
+        content = next((p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"), None)
+    return _IMAGE_TAG.sub("", content).strip() if isinstance(content, str) else ""
+
+
 def _question(row: dict) -> str:
+    question = _prompt_question(row.get("prompt"))
+    if question:
+        return question
     extra = row.get("extra_info") or {}
     for value in (extra.get("question"), row.get("question")):
         if isinstance(value, str) and value.strip():
             return value.strip()
-    messages = row.get("prompt")
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    users = [m for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
-    content = users[-1].get("content") if users else None
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    text = (content or "").replace("<image>", "").strip() if isinstance(content, str) else ""
-    if not text:
-        raise RowError("missing_question", "no extra_info.question and no user text in prompt")
-    return text
+    raise RowError("missing_question", "no user text in prompt and no extra_info.question")
 
 
 def _answer(row: dict) -> str:
@@ -162,16 +179,6 @@ def _answer(row: dict) -> str:
         if isinstance(value, str) and value.strip():
             return value.strip()
     raise RowError("missing_answer", "no ground truth (reward_model.ground_truth, ground_truth, answer)")
-
-
-def _letters(question: str, answer: str) -> str:
-    """Option letters of an mca question: up to the last option listed, the ground truth's letter, or D."""
-    gold = answer.strip().lstrip("(").upper()[:1]
-    if not gold or gold not in OPTION_LETTERS:
-        raise RowError("bad_choice_answer", f"mca ground truth {answer!r} is not an option letter")
-    listed = _OPTION_LINE.findall(question)
-    last = max([gold, "D", *listed])
-    return OPTION_LETTERS[: OPTION_LETTERS.index(last) + 1]
 
 
 class ImageStore:
@@ -234,11 +241,11 @@ def to_sample(row: dict, index: int, store: ImageStore) -> TrainSample:
     if not isinstance(row, dict):
         raise RowError("bad_row", f"row is a {type(row).__name__}, not an object")
     extra = row.get("extra_info") or {}
-    form = str(extra.get("answer_form") or row.get("answer_form") or "").strip().lower()
+    form = str(extra.get("answer_form") or row.get("answer_form") or DEFAULT_ANSWER_FORM).strip().lower()
     if form not in ANSWER_FORMS:
+        # The release would train on it with a reward of 0 every time: rollouts spent on nothing.
         raise RowError("unknown_answer_form", f"answer_form {form!r} is not one of {ANSWER_FORMS}")
     question, answer = _question(row), _answer(row)
-    letters = _letters(question, answer) if form == "mca" else "ABCD"
     refs = row.get("images", row.get("image"))
     refs = refs if isinstance(refs, list) else [refs] if refs is not None else []
     if len(refs) != 1:
@@ -248,7 +255,7 @@ def to_sample(row: dict, index: int, store: ImageStore) -> TrainSample:
     sample_id = extra.get("index", row.get("id", index))
     return TrainSample(
         id=str(sample_id), question=question, answer=answer, answer_form=form, image=str(original),
-        fitted_image=str(fitted), letters=letters, datasource=str(row.get("data_source") or "p2r"),
+        fitted_image=str(fitted), datasource=str(row.get("data_source") or "p2r"),
     )  # fmt: skip
 
 
@@ -276,10 +283,28 @@ def convert(source: str, out_dir: str | Path, image_root: str | Path | None = No
     return result
 
 
+def policy_messages(text: str, image_count: int) -> list[dict]:
+    """The release's rollout prompt: user text `"<image>\n" * n + text`, cut at each tag into content parts."""
+    parts: list[dict] = []
+    for i in range(image_count):
+        parts += [{"type": "image"}, {"type": "text", "text": "\n" + (text if i == image_count - 1 else "")}]
+    user = parts or [{"type": "text", "text": text}]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": prompts.SYSTEM_PROMPT}]},
+        {"role": "user", "content": user},
+    ]
+
+
 def prompt_row(sample: TrainSample, text: str, images: list[str]) -> dict:
-    """One OpenRLHF prompt-dataset line: chat messages with an image placeholder per image, paths, label."""
-    messages = prompts.Prompt(text, images=images).messages()
+    """One OpenRLHF prompt-dataset line: the release's rollout prompt, image paths, label."""
+    messages = policy_messages(text, len(images))
     return {"prompt": messages, "images": images, "label": sample.to_label(), "datasource": sample.datasource}
+
+
+def hold_out(samples: list[TrainSample], size: int = VAL_SIZE, seed: int = VAL_SEED) -> tuple[list, list]:
+    """(training, validation): `size` samples (at most a tenth) drawn with `seed`, both lists in source order."""
+    held = set(random.Random(seed).sample(range(len(samples)), min(size, len(samples) // 10)))
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
 def perceiver_row(sample: TrainSample) -> dict:
@@ -313,20 +338,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--workers", type=int, help="image-verification threads")
     parser.add_argument("--cache", type=Path, help="reasoner role: perceiver cache (default OUT/perceiver_cache.jsonl)")
+    parser.add_argument("--val-size", type=int, default=VAL_SIZE, help=f"prompts held out for validation (default {VAL_SIZE})")
+    parser.add_argument("--val-seed", type=int, default=VAL_SEED, help=f"seed of the held-out slice (default {VAL_SEED})")
     args = parser.parse_args(argv)
 
     conversion = convert(args.source, args.out, args.image_root, args.workers)
+    train, val = hold_out(conversion.samples, args.val_size, args.val_seed)
     summary = {"role": args.role, "conversion": conversion.summary()}
+    summary["validation"] = {"size": len(val), "seed": args.val_seed, "ids": [s.id for s in val]}
     if args.role == "perceiver":
-        output = write_jsonl(args.out / "perceiver.jsonl", map(perceiver_row, conversion.samples))
-        summary["output"], summary["written"] = str(output), len(conversion.samples)
+        output = write_jsonl(args.out / "perceiver.jsonl", map(perceiver_row, train))
+        write_jsonl(args.out / "perceiver_val.jsonl", map(perceiver_row, val))
+        summary["output"], summary["written"] = str(output), len(train)
         code = 0
     else:
         from p2r_recipe.train.precompute import PrecomputeStopped, run
         from p2r_recipe.train.services import ServiceConfig
 
+        perceiver = ServiceConfig.from_env("perceiver")
         try:
-            summary["evidence"] = run(conversion.samples, args.out, ServiceConfig.from_env("perceiver"), args.cache)
+            summary["evidence"] = run(train, args.out, perceiver, args.cache)
+            summary["evidence_val"] = run(val, args.out, perceiver, args.cache, name="reasoner_val.jsonl")
             code = 0
         except PrecomputeStopped as exc:
             summary["stopped"], code = str(exc), 1

@@ -1,5 +1,13 @@
 """Stage-2 evidence, computed once: the frozen perceiver's boxes for every sample, evidence images on disk, reasoner prompts.
 
+The request is the release's: the original image fitted to the training budget (max
+2,097,152, min 4,096 pixels), JPEG quality 75, the training perceive prompt, max_tokens
+2048, temperature 0. A request the perceiver refuses, or an empty answer, keeps the sample
+with the original image and the no-evidence prompt, as the release does (counted in the
+summary; a refused request is not cached, so a re-run asks again). A perceiver outage is
+where we depart: the run stops with a message and resumes from its cache when re-run,
+where the release would silently train on the no-evidence prompt.
+
 The perceiver service is asked once per (image content, question, perceiver model),
 concurrently with a bound, and each answer is appended to a JSONL cache (flushed and
 fsync'd) as it arrives: a re-run makes no service calls for cached samples, and a killed
@@ -34,6 +42,7 @@ from p2r_recipe.engines.openai import (
 from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import (
     TRAIN_BUDGET,
+    TRAIN_JPEG_QUALITY,
     ImageError,
     PixelBudget,
     encode_image,
@@ -44,9 +53,8 @@ from p2r_recipe.journal import Journal
 from p2r_recipe.train.data import TrainSample, prompt_row, write_json, write_jsonl
 from p2r_recipe.train.services import ServiceConfig
 
-# Greedy, so the cached boxes are the frozen perceiver's answer, not one draw of it;
-# 1024 tokens is the perceiver's response budget in training.
-PERCEIVE_PARAMS = {"temperature": 0.0, "max_tokens": 1024}
+# The release's request to the frozen perceiver (p2r_dataset.py `_call_perceiver`), all of it.
+PERCEIVE_PARAMS = {"max_tokens": 2048, "temperature": 0}
 EVIDENCE_NAMES = ("annotated", "crop1", "crop2", "crop3")
 _MANIFEST = "evidence.json"
 
@@ -78,15 +86,16 @@ class EvidenceFiles:
 
 
 def _perceive_messages(sample: TrainSample, budget: PixelBudget) -> list[dict]:
-    image = fit_to_budget(load_image(sample.fitted_image or sample.image), budget.max_pixels, budget.min_pixels, budget.factor)
-    prompt = prompts.Prompt(prompts.perceive_text(sample.question, training=True), [image])
-    return prompt.messages([image_part(image)])
+    image = fit_to_budget(load_image(sample.image), budget.max_pixels, budget.min_pixels, budget.factor)
+    return prompts.service_messages(prompts.perceive_text(sample.question, training=True), [image_part(image, TRAIN_JPEG_QUALITY)])
 
 
 async def _perceive(
     todo: dict[str, TrainSample], client: ChatClient, cache: Journal, budget: PixelBudget
 ) -> dict[str, str]:
-    """Ask the perceiver for every sample in `todo`; returns per-key failures. Raises ServiceUnavailable on an outage."""
+    """Ask the perceiver for every sample in `todo`; returns the keys it refused (with why) and those whose image
+    failed. Raises ServiceUnavailable on an outage."""
+    refused: dict[str, str] = {}
     failures: dict[str, str] = {}
     gate = asyncio.Semaphore(client.concurrency)  # also bounds how many decoded images are in memory
     bar = tqdm(total=len(todo), desc="perceiver", unit="sample")
@@ -96,15 +105,17 @@ async def _perceive(
             try:
                 messages = await asyncio.to_thread(_perceive_messages, sample, budget)
                 output = await client.text(messages, **PERCEIVE_PARAMS)
-            except (ImageError, RequestRejected) as exc:
-                failures[key] = str(exc)
+            except ImageError as exc:
+                failures[key] = f"image: {exc}"
+            except RequestRejected as exc:
+                refused[key] = str(exc)
             else:
                 await asyncio.to_thread(cache.add, key, output, id=sample.id)
             bar.update()
 
     with bar:
         await gather_all(one(key, sample) for key, sample in todo.items())
-    return failures
+    return refused, failures
 
 
 def _evidence(folder: Path, sample: TrainSample, output: str, budget: PixelBudget) -> EvidenceFiles:
@@ -133,8 +144,9 @@ def run(
     cache_path: str | Path | None = None,
     budget: PixelBudget = TRAIN_BUDGET,
     workers: int | None = None,
+    name: str = "reasoner.jsonl",
 ) -> dict:
-    """Write `OUT/reasoner.jsonl` for the samples and return the summary; raises PrecomputeStopped on an outage."""
+    """Write `OUT/<name>` for the samples and return the summary; raises PrecomputeStopped on an outage."""
     out_dir = Path(out_dir)
     cache = Journal(cache_path or out_dir / "perceiver_cache.jsonl")
     client = perceiver.client()
@@ -156,7 +168,7 @@ def run(
         cached_before = sum(1 for key in first if key in cache)
         todo = {key: sample for key, sample in first.items() if key not in cache}
         try:
-            problems = run_sync(_perceive(todo, client, cache, budget))
+            refused, problems = run_sync(_perceive(todo, client, cache, budget))
         except ServiceUnavailable as exc:
             done = sum(1 for key in keys if key in cache)
             raise PrecomputeStopped(
@@ -165,13 +177,18 @@ def run(
                 "Start the service and re-run the same command to resume."
             ) from None
 
+        # A refused request is the release's empty answer: original image, no-evidence prompt.
+        outputs = {key: cache.get(key) for key in first if key in cache} | {key: "" for key in refused}
+
         def evidence_of(key: str) -> EvidenceFiles | str:
+            if not outputs[key]:
+                return EvidenceFiles(0, False, [])
             try:
-                return _evidence(out_dir / "evidence" / key[:2] / key, first[key], cache.get(key), budget)
+                return _evidence(out_dir / "evidence" / key[:2] / key, first[key], outputs[key], budget)
             except ImageError as exc:
                 return f"image: {exc}"
 
-        ready = [key for key in first if key in cache]
+        ready = list(outputs)
         built = dict(zip(ready, tqdm(pool.map(evidence_of, ready), total=len(ready), desc="evidence", unit="sample")))
         problems.update((key, result) for key, result in built.items() if isinstance(result, str))
 
@@ -188,7 +205,7 @@ def run(
         labelled = replace(sample, box_count=result.box_count, has_evidence=result.has_evidence)
         text = prompts.reason_text(sample.question, sample.answer_form, result.has_evidence, training=True)
         rows.append(prompt_row(labelled, text, result.files or [sample.fitted_image or sample.image]))
-    output = write_jsonl(out_dir / "reasoner.jsonl", rows)
+    output = write_jsonl(out_dir / name, rows)
     return {
         "output": str(output),
         "samples": len(samples),
@@ -200,6 +217,8 @@ def run(
         "cache": str(cache.path),
         "box_count_histogram": {str(n): histogram[n] for n in sorted(histogram)},
         "no_evidence": no_evidence,
+        "perceiver_refused": len(refused),
+        "perceiver_empty": sum(1 for key, text in outputs.items() if not text and key not in refused),
         "failed": len(failures),
         "failures": failures,
     }
@@ -211,15 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cache", type=Path, help="perceiver cache (default OUT/perceiver_cache.jsonl)")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default $P2R_CONCURRENCY or 64)")
+    parser.add_argument(
+        "--val-input", type=Path, help="held-out prompts -> OUT/reasoner_val.jsonl (default: INPUT's *_val.jsonl when it exists)"
+    )
     args = parser.parse_args(argv)
 
-    with args.input.open(encoding="utf-8") as lines:
-        samples = [TrainSample.from_label(json.loads(line)["label"]) for line in lines if line.strip()]
+    def samples_of(path: Path) -> list[TrainSample]:
+        with path.open(encoding="utf-8") as lines:
+            return [TrainSample.from_label(json.loads(line)["label"]) for line in lines if line.strip()]
+
+    val_input = args.val_input or args.input.with_name(f"{args.input.stem}_val.jsonl")
     perceiver = ServiceConfig.from_env("perceiver")
     if args.concurrency:
         perceiver = replace(perceiver, concurrency=args.concurrency)
     try:
-        summary = run(samples, args.out, perceiver, args.cache)
+        summary = run(samples_of(args.input), args.out, perceiver, args.cache)
+        if val_input.is_file():
+            summary["validation"] = run(samples_of(val_input), args.out, perceiver, args.cache, name="reasoner_val.jsonl")
     except PrecomputeStopped as exc:
         print(exc, file=sys.stderr)
         return 1
