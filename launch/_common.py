@@ -159,6 +159,11 @@ def preflight(config) -> list[str]:
     from p2r_recipe.train.command import NEEDED_SERVICES
 
     problems = [pretrain_problem(config), dataset_problem(config)]
+    if config.eval_dataset and not Path(config.eval_dataset).is_file():
+        problems.append(
+            f"eval_dataset {config.eval_dataset} not found; p2r_recipe.train.data (stage 1) and "
+            "p2r_recipe.train.precompute (stage 2) write it beside the training file, or --set eval_dataset= to skip validation"
+        )
     problems.extend(service_problem(name) for name in NEEDED_SERVICES[config.role])
     problems.append(gpu_problem(config))
     return [p for p in problems if p]

@@ -75,17 +75,23 @@ def configure(monkeypatch, role: str, reasoner=None, verifier=None, **env: str) 
 
 
 class ScriptedPolicy:
-    """Stands in for OpenRLHF's vLLM engine: replies with fixed texts, tokenized by the real tokenizer."""
+    """Stands in for OpenRLHF's vLLM engine (`RolloutRayActor.generate`): replies with fixed texts, tokenized by the
+    real tokenizer, and records each call's (prompt ids, images, max_tokens), i.e. what vLLM would be asked."""
 
     def __init__(self, tokenizer, replies: list[str]):
         self.tokenizer, self.replies, self.calls = tokenizer, replies, []
 
+    @property
+    def max_tokens(self) -> list[int]:
+        return [call[2] for call in self.calls]
+
     async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
-        self.calls.append((list(prompt_token_ids), multi_modal_data))
+        self.calls.append((list(prompt_token_ids), multi_modal_data, sampling_params.max_tokens))
         text = self.replies[len(self.calls) - 1] + "<|im_end|>"
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, text=text, finish_reason="stop", logprobs=None)])
 
 
-def sampling_params(max_tokens: int = 64) -> SimpleNamespace:
+def sampling_params(max_tokens: int | None = 64) -> SimpleNamespace:
+    """The fields of vLLM's SamplingParams that OpenRLHF's executors read (`--rollout.max_new_tokens` as max_tokens)."""
     return SimpleNamespace(max_tokens=max_tokens, logprobs=None)

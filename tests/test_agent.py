@@ -37,12 +37,15 @@ def processor(tiny_model_dir):
     return AutoProcessor.from_pretrained(tiny_model_dir)
 
 
-def rollout(executor, processor, sample, replies: list[str], max_length: int = 4096) -> tuple[dict, ScriptedPolicy]:
+def rollout(
+    executor, processor, sample, replies: list[str], max_length: int = 4096, max_new_tokens: int = 64
+) -> tuple[dict, ScriptedPolicy]:
     """One rollout of `executor` on the sample's perceive prompt, as OpenRLHF's rollout actor runs it."""
     prompt = processor.apply_chat_template(perceiver_row(sample)["prompt"], tokenize=False, add_generation_prompt=True)
     policy = ScriptedPolicy(processor.tokenizer, replies)
+    params = sampling_params(max_new_tokens)
     result = asyncio.run(
-        executor.execute(prompt, sample.to_label(), sampling_params(), max_length, processor, policy, images=[sample.image])
+        executor.execute(prompt, sample.to_label(), params, max_length, processor, policy, images=[sample.image])
     )
     return result, policy
 
@@ -130,6 +133,55 @@ def test_joint_agent_without_boxes_reasons_on_the_original_image(tmp_path, monke
     )
 
 
+def test_openrlhf_executor_alone_ignores_the_response_cap(tmp_path, monkeypatch, processor):
+    """Why TurnCaps exists: OpenRLHF 0.11.2's multi-turn executor asks vLLM for max_len - len(prompt) tokens."""
+    from p2r_recipe.train.agent import RoleAgent
+
+    sample = rollouts.sample(tmp_path, form="mca")
+    configure(monkeypatch, "reasoner")  # scores its own answer: no service needed
+    _, policy = rollout(MultiTurnAgentExecutor(RoleAgent), processor, sample, ["<answer>A</answer>"], max_new_tokens=1024)
+    prompt_tokens = len(policy.calls[0][0])
+    assert policy.max_tokens == [4096 - prompt_tokens] and policy.max_tokens[0] > 1024
+
+
+@pytest.mark.parametrize(
+    "role, max_len, env, cap",
+    [
+        ("perceiver", 4096, {}, 1024),  # the release's S1 cap
+        ("reasoner", 12288, {}, 2048),  # the release's S2 cap
+        ("perceiver", 4096, {"P2R_PERCEIVE_MAX_TOKENS": "300"}, 300),  # what train/command.py sets from the config
+        ("reasoner", 12288, {"P2R_REASON_MAX_TOKENS": "700"}, 700),
+    ],
+)
+def test_role_agent_caps_the_generation_budget(tmp_path, monkeypatch, processor, role, max_len, env, cap):
+    from p2r_recipe.train.agent import AgentExecutor
+
+    sample = rollouts.sample(tmp_path, form="mca")
+    with ScriptedServer(reasoner("A", "A")) as server:
+        configure(monkeypatch, role, reasoner=server, P2R_AGENT="role", **env)
+        result, policy = rollout(AgentExecutor(), processor, sample, ["<answer>A</answer>"], max_len, max_new_tokens=cap)
+    assert policy.max_tokens == [cap] and result["reward"] == 1.0
+
+
+def test_joint_agent_caps_each_turn_for_its_role(tmp_path, monkeypatch, processor):
+    from p2r_recipe.train.agent import AgentExecutor
+
+    sample = rollouts.sample(tmp_path, form="mca")
+    configure(monkeypatch, "perceiver", P2R_AGENT="joint")
+    _, policy = rollout(AgentExecutor(), processor, sample, [BOX, "<answer>A</answer>"], 12288, max_new_tokens=1024)
+    assert policy.max_tokens == [1024, 2048]  # perceive turn, then reason turn
+
+
+def test_cap_never_exceeds_the_executors_own_budget(tmp_path, monkeypatch, processor):
+    from p2r_recipe.train.agent import AgentExecutor
+
+    sample = rollouts.sample(tmp_path, form="mca")
+    configure(monkeypatch, "perceiver", P2R_AGENT="joint")
+    prompt_tokens = len(rollout(AgentExecutor(), processor, sample, ["[]", "<answer>A</answer>"])[1].calls[0][0])
+    _, policy = rollout(AgentExecutor(), processor, sample, ["[]", "<answer>A</answer>"], prompt_tokens + 100, 50)
+    assert policy.max_tokens[0] == 100  # less room left than the 1024 cap
+
+
 def test_unknown_agent_is_refused(monkeypatch):
     from p2r_recipe.train.agent import AgentExecutor
 
@@ -143,7 +195,7 @@ def test_openrlhf_loader_and_experience_conversion(tmp_path, tiny_model_dir):
     sample = rollouts.sample(tmp_path, form="mca")
     with ScriptedServer(reasoner("A", "C")) as server:
         env = {
-            **os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "stubs"), str(TESTS)]),
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS / "stubs"), str(TESTS), str(TESTS.parent)]),
             "P2R_ROLE": "perceiver", "REASONER_PORT": str(server.port), "REASONER_MODEL": "scripted",
             "VERIFIER_PORT": str(server.port), "P2R_RETRIES": "1",
         }  # fmt: skip
@@ -162,3 +214,5 @@ def test_openrlhf_loader_and_experience_conversion(tmp_path, tiny_model_dir):
         info = infos[kind]
         assert info["reward"] == [1.0] and info["box_count"] == [1.0] and info["no_evidence"] == [0.0], (kind, info)
         assert info["label_penalty"] == [0.0]
+    # What reached the vLLM engine's generate: --rollout.max_new_tokens on the reward path, the caps on the agents'.
+    assert infos["max_tokens"] == {"reward_file": [1024], "role_agent": [1024], "joint_agent": [1024, 2048]}

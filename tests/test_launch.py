@@ -33,7 +33,12 @@ SERVICE_VARS = [f"{s.upper()}_{v}" for s in DEFAULT_PORTS for v in ("HOST", "POR
 RELEASE = {
     "n_samples_per_prompt": 8, "rollout_batch_size": 64, "train_batch_size": 64, "learning_rate": 1e-6,
     "kl_loss_coef": 0.01, "kl_estimator": "k3", "entropy_coef": 0.0, "epochs": 1, "save_steps": 30,
+    "lr_scheduler": "constant", "lr_warmup_ratio": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+    "weight_decay": 0.01, "max_norm": 1.0, "update_epochs": 1,
+    "eval_steps": 10, "eval_temperature": 0.0, "eval_n_samples_per_prompt": 1,
 }  # fmt: skip
+# Micro-batches per GPU and vLLM's memory fraction: the release's 8 and 0.8 (4B); 8B keeps smaller ones of ours.
+MICRO = {"2b": (8, 8, 0.8), "4b": (8, 8, 0.8), "8b": (1, 2, 0.5)}
 LENGTHS = {"perceiver": (2560, 1024, 4096), "reasoner": (8704, 2048, 12288)}
 
 
@@ -85,6 +90,9 @@ def test_every_size_keeps_the_release_hyper_parameters(size):
         assert config.role == role and {k: getattr(config, k) for k in RELEASE} == RELEASE
         assert (config.prompt_max_len, config.response_max_len, config.rollout_max_len) == LENGTHS[role]
         assert config.max_images_per_prompt == (1 if role == "perceiver" else 4)
+        assert (config.micro_train_batch_size, config.micro_rollout_batch_size, config.vllm_gpu_memory_utilization) == MICRO[size]
+        held_out = "data/p2r10k/perceiver_val.jsonl" if role == "perceiver" else f"data/stage2_{size}/reasoner_val.jsonl"
+        assert config.eval_dataset == held_out
     stage1, stage2 = load_config(CONFIGS / f"perceiver_{size}.yaml"), load_config(CONFIGS / f"reasoner_{size}.yaml")
     assert stage1.pretrain == f"Qwen/Qwen3-VL-{size.upper()}-Instruct"
     assert stage2.pretrain == stage1.output_dir  # stage 2 starts from the stage-1 checkpoint
@@ -152,6 +160,15 @@ def test_openrlhf_parser_accepts_both_roles_with_the_agent_or_reward_func():
         assert args["rollout"]["n_samples_per_prompt"] == 8 and args["rollout"]["batch_size"] == 64
         assert args["train"]["batch_size"] == 64 * 8  # 64 prompts per update, counted in samples
         assert args["actor"]["adam"]["lr"] == 1e-6 and args["actor"]["entropy_coef"] == 0.0
+        # AdamW as the release: constant LR, no warm-up, betas (0.9, 0.999), weight decay 0.01, clip 1.0.
+        assert args["actor"]["adam"]["betas"] == [0.9, 0.999] and args["actor"]["adam"]["weight_decay"] == 0.01
+        assert (args["actor"]["lr_scheduler"], args["actor"]["lr_warmup_ratio"], args["actor"]["max_norm"]) == (
+            "constant", 0.0, 1.0,
+        )  # fmt: skip
+        assert args["train"]["micro_batch_size"] == args["rollout"]["micro_batch_size"] == 8
+        assert args["vllm"]["gpu_memory_utilization"] == 0.8
+        assert (args["eval"]["steps"], args["eval"]["temperature"], args["eval"]["n_samples_per_prompt"]) == (10, 0.0, 1)
+        assert args["eval"]["dataset"].endswith("_val.jsonl")
         assert args["algo"]["kl"] == {**args["algo"]["kl"], "use_loss": True, "estimator": "k3", "init_coef": 0.01}
         assert (args["train"]["num_episodes"], args["train"]["max_epochs"], args["ckpt"]["save_steps"]) == (1, 1, 30)
         assert (args["data"]["max_len"], args["rollout"]["max_new_tokens"]) == (total, response)
@@ -188,7 +205,7 @@ def test_command_environment_local_and_on_a_ray_cluster():
     local = build_command(config, env=env)
     assert local.argv[1:3] == ["-m", "openrlhf.cli.train_ppo_ray"]
     assert local.env == {
-        "P2R_TIMEOUT_S": "60", "P2R_ROLE": "perceiver", "P2R_AGENT": "role",
+        "P2R_TIMEOUT_S": "60", "P2R_ROLE": "perceiver", "P2R_AGENT": "role", "P2R_PERCEIVE_MAX_TOKENS": "1024",
         "REASONER_HOST": "127.0.0.1", "REASONER_PORT": "19001", "REASONER_MODEL": "reasoner", "REASONER_API_KEY": "s3cret",
         "VERIFIER_HOST": "127.0.0.1", "VERIFIER_PORT": "18903", "VERIFIER_MODEL": "verifier", "RAY_ADDRESS": "local",
     }  # fmt: skip
@@ -199,6 +216,9 @@ def test_command_environment_local_and_on_a_ray_cluster():
 
     joint = build_command(load_config(CONFIGS / "joint_4b.yaml"), env={})
     assert (joint.env["P2R_AGENT"], joint.env["P2R_ROLE"]) == ("joint", "reasoner") and "REASONER_PORT" not in joint.env
+    assert joint.env["P2R_PERCEIVE_MAX_TOKENS"] == "1024" and "P2R_REASON_MAX_TOKENS" not in joint.env  # 2048 default
+    stage2 = build_command(load_config(CONFIGS / "reasoner_4b.yaml", ["response_max_len=1500"]), env={})
+    assert stage2.env["P2R_REASON_MAX_TOKENS"] == "1500"
 
     cluster = build_command(config, env={**env, "RAY_ADDRESS": "http://head:8265"})
     assert cluster.argv[1:5] == ["job", "submit", "--address", "http://head:8265"] and cluster.env == {}
@@ -217,6 +237,11 @@ def test_dry_runs_print_the_command_for_both_roles():
     assert "-m openrlhf.cli.train_ppo_ray" in out.stdout and "P2R_ROLE=perceiver P2R_AGENT=role" in out.stdout
     assert f"--train.agent_func_path {AGENT_FILE.resolve()}" in out.stdout and "--reward.remote_url" not in out.stdout
     assert "--actor.adam.lr 3e-06" in out.stdout
+    for shown in ("--actor.lr_scheduler constant", "--actor.lr_warmup_ratio 0.0", "--actor.adam.betas 0.9 0.999",
+                  "--actor.adam.weight_decay 0.01", "--actor.max_norm 1.0", "--train.micro_batch_size 8",
+                  "--vllm.gpu_memory_utilization 0.8", "--eval.steps 10", "--eval.temperature 0.0",
+                  "P2R_PERCEIVE_MAX_TOKENS=1024", "--eval.dataset data/p2r10k/perceiver_val.jsonl"):  # fmt: skip
+        assert shown in out.stdout, shown
     assert "VERIFIER_PORT=19003" in out.stdout and "VERIFIER_API_KEY=***" in out.stdout and "s3cret" not in out.stdout
 
     out = launcher(
@@ -285,10 +310,12 @@ def test_real_deepspeed_launcher_runs_one_driver():
 
 def test_checks_name_the_missing_service_and_the_wrong_dataset(tmp_path):
     perceive = write_dataset(tmp_path / "perceiver.jsonl", perceiver_row(sample(tmp_path)))
+    held_out = write_dataset(tmp_path / "perceiver_val.jsonl", perceiver_row(sample(tmp_path)))
     down = free_port()
     with ScriptedServer(lambda body: "Yes", models=("verifier",)) as verifier:
         env = clean_env(REASONER_PORT=str(down), VERIFIER_PORT=str(verifier.port))
-        out = launcher("train_perceiver.py", "--dataset", str(perceive), "--output-dir", str(tmp_path / "o"), env=env)
+        out = launcher("train_perceiver.py", "--dataset", str(perceive), "--output-dir", str(tmp_path / "o"),
+                       "--set", f"eval_dataset={held_out}", env=env)  # fmt: skip
     assert out.returncode == 1
     assert (
         f"reasoner service at http://127.0.0.1:{down}/v1 (REASONER_HOST/REASONER_PORT) is not answering" in out.stderr
@@ -307,6 +334,7 @@ def test_checks_name_the_missing_service_and_the_wrong_dataset(tmp_path):
         wrong_role = launcher("train_perceiver.py", "--dataset", str(reason), "--pretrain", "/no/such/model", env=env)
     assert out.returncode == 1
     assert f"pretrain {tmp_path} is not an HF checkpoint directory" in out.stderr
+    assert "eval_dataset data/stage2_4b/reasoner_val.jsonl not found" in out.stderr
     assert "holds perceive prompts; stage 2 needs the precomputed evidence prompts" in out.stderr
     assert "serves ['judge'], not 'verifier' (VERIFIER_MODEL)" in out.stderr
     assert "holds reasoner prompts" in wrong_role.stderr
