@@ -13,7 +13,8 @@ are a 10-unit grid cell, see `expand`). Each has
 `boxes` (parse_boxes count), `evidence` (gather_evidence found crops), `answer` (answer_text
 in p2r mode, same encoding), `choice` (extract_choice of it), `perceiver` ([reward, reason]
 with a frozen reasoner answering A with evidence and C without, gold A) and `reasoner`
-([reward, reason] for the text as the policy's own answer; gold `gold`, form `form`).
+([reward, reason] for the text as the policy's own answer under the release's training rules,
+`training_choice`; gold `gold`, form `form`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -183,13 +185,28 @@ TWO = json.dumps([_box(100, 100, 300, 300, "a"), _box(600, 600, 700, 700, "b")])
 ANSWER_A = "<think>Looked.</think><answer>A</answer>"
 MB = 1 << 20
 GOT, NONE = [1.0, ""], [0.0, ""]  # perceiver: evidence -> reasoner says A (right); none -> C (wrong)
-NO_ANSWER = [0.0, "no_answer"]
+PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+            "The correct option is", "Best answer:", "Best option:", "Answer:", "Option:", "The correct answer",
+            "The correct option")  # fmt: skip
+
+
+def training_choice(text) -> str:
+    """The release's training reading of a reply (p2r_reward.py), transcribed: the first case-sensitive <answer>
+    tags, else the whole text, stripped; the 12 prefixes removed; the first capital A-E."""
+    text = expand(text)
+    start = text.find("<answer>")
+    end = text.find("</answer>", start + len("<answer>")) if start >= 0 else -1
+    answer = (text[start + len("<answer>") : end] if end >= 0 else text).strip()
+    for prefix in PREFIXES:
+        answer = answer.replace(prefix, "")
+    found = re.search("[ABCDE]", answer)
+    return found.group(0) if found else ""
 
 
 def _out(id_, text, boxes=0, evidence=None, answer=None, choice="", perceiver=None, reasoner=None, **extra) -> dict:
     evidence = boxes > 0 if evidence is None else evidence
     perceiver = perceiver or (GOT if evidence else NONE)
-    reasoner = reasoner or (NO_ANSWER if answer is None else [float(choice == "A"), ""])
+    reasoner = reasoner or [float(training_choice(text) == "A"), ""]
     return {"id": id_, "text": text, "boxes": boxes, "evidence": evidence, "answer": answer, "choice": choice,
             "perceiver": perceiver, "reasoner": reasoner, **extra}  # fmt: skip
 
@@ -229,7 +246,7 @@ HOSTILE_OUTPUTS = [
     _out("five_coordinates", '[{"bbox_2d": [100, 100, 300, 300, 5], "label": "cat"}]'),
     _out("reversed_corners", json.dumps([_box(300, 300, 100, 100)])),
     _out("zero_width_box", json.dumps([_box(100, 100, 100, 300)])),
-    _out("coordinates_out_of_range_are_clamped", json.dumps([_box(-50, -20, 2000, 1500)]), boxes=1),
+    _out("coordinates_out_of_range_are_kept", json.dumps([_box(-50, -20, 2000, 1500)]), boxes=1),
     _out("float_exponents", '[{"bbox_2d": [1e2, 1e2, 3e2, 3.0e2], "label": "cat"}]', boxes=1),
     _out("nested_coordinate_lists", '[{"bbox_2d": [[100, 100], [300, 300]], "label": "cat"}]'),
     _out("uppercase_key", '[{"BBOX_2D": [100, 100, 300, 300], "label": "cat"}]'),
@@ -243,7 +260,7 @@ HOSTILE_OUTPUTS = [
     _out("nan", '[{"bbox_2d": [NaN, 0, 100, 100], "label": "cat"}]'),
     _out("infinity", '[{"bbox_2d": [0, 0, Infinity, 100], "label": "cat"}]'),
     _out("minus_infinity", '[{"bbox_2d": [-Infinity, 0, 100, 100], "label": "cat"}]'),
-    _out("huge_float_clamped", '[{"bbox_2d": [0, 0, 1e308, 1e308], "label": "cat"}]', boxes=1),
+    _out("huge_float_kept", '[{"bbox_2d": [0, 0, 1e308, 1e308], "label": "cat"}]', boxes=1),
     _out("float_overflow", '[{"bbox_2d": [0, 0, 1e400, 100], "label": "cat"}]'),
     _out("int_beyond_float", '[{"bbox_2d": [0, 0, 1%s, 100], "label": "cat"}]' % ("0" * 400)),
     _out("int_5000_digits", '[{"bbox_2d": [0, 0, 1%s, 100], "label": "cat"}]' % ("0" * 5000)),
@@ -268,8 +285,14 @@ HOSTILE_OUTPUTS = [
     _out("placeholder_label", json.dumps([_box(100, 100, 300, 300, "description")]), boxes=1, perceiver=[0.0, "label_penalty"]),
     _out("empty_label", json.dumps([_box(100, 100, 300, 300, "")]), boxes=1, perceiver=[0.0, "label_penalty"]),
     _out("missing_label", '{"bbox_2d": [100, 100, 300, 300]}', boxes=1, perceiver=[0.0, "label_penalty"]),
-    _out("number_label", '[{"bbox_2d": [100, 100, 300, 300], "label": 42}]', boxes=1),
-    _out("object_label", '[{"bbox_2d": [100, 100, 300, 300], "label": {"name": ["cat"]}}]', boxes=1),
+    # The release raises on a label that is not a string; ours penalises it.
+    _out("number_label", '[{"bbox_2d": [100, 100, 300, 300], "label": 42}]', boxes=1, perceiver=[0.0, "label_penalty"]),
+    _out("object_label", '[{"bbox_2d": [100, 100, 300, 300], "label": {"name": ["cat"]}}]', boxes=1,
+         perceiver=[0.0, "label_penalty"]),  # fmt: skip
+    _out("null_label", '[{"bbox_2d": [100, 100, 300, 300], "label": null}]', boxes=1, perceiver=[0.0, "label_penalty"]),
+    _out("capitalised_placeholder_label", json.dumps([_box(100, 100, 300, 300, " Description ")]), boxes=1,
+         perceiver=[0.0, "label_penalty"]),  # fmt: skip
+    _out("whitespace_label", json.dumps([_box(100, 100, 300, 300, "  ")]), boxes=1),
     _out("100kb_label", ['[{"bbox_2d": [100, 100, 300, 300], "label": "', _repeat("cat ", 25_000), '"}]'], boxes=1),
     _out("overlapping_pair", json.dumps([_box(0, 0, 500, 500, "a"), _box(10, 10, 510, 510, "b")]), boxes=2, perceiver=[0.0, "iou_penalty"]),
     # answer tags
@@ -289,12 +312,14 @@ HOSTILE_OUTPUTS = [
     _out("terminal_escape", "\u001b[31m<answer>A</answer>\u001b[0m", answer="A", choice="A"),
     _out("html_injection", "<script>alert(1)</script><answer>A</answer>", answer="A", choice="A"),
     _out("boxes_and_answer", f"{BOX}\n{ANSWER_A}", boxes=1, answer="A", choice="A"),
-    # numeric answers (reasoner role, form na): equivalence must stay bounded on hostile expressions
+    # numeric answers (reasoner role, form na): equivalence must stay bounded on hostile expressions; scores are
+    # mathruler's (the release's training grader), which wants an integer answer for an integer truth
     *(
         _out(f"numeric_{name}", f"<answer>{value}</answer>", answer=value, choice="", form="na", gold="42", reasoner=[score, ""])
         for name, value, score in [
             ("plain", "42", 1.0),
-            ("fraction", "\\frac{84}{2}", 1.0),
+            ("fraction", "\\frac{84}{2}", 0.0),
+            ("decimal", "42.0", 1.0),
             ("nan", "NaN", 0.0),
             ("overflow", "1e999999", 0.0),
             ("power_tower", "9^{9^{9}}", 0.0),
@@ -303,7 +328,7 @@ HOSTILE_OUTPUTS = [
             ("binomial", "\\binom{10^{9}}{10^{5}}", 0.0),
             ("towers_in_parentheses", "((10^{99})^{9999})^{9999}", 0.0),
             ("exponential_tower", "e^{e^{e^{e}}}", 0.0),
-            ("small_power", "2^{5}+10", 1.0),
+            ("small_power", "2^{5}+10", 0.0),
         ]
     ),
 ]
