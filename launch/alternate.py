@@ -53,6 +53,7 @@ class Services:
 
 def plan(args: argparse.Namespace) -> list[Stage]:
     from p2r_recipe.train.config import load_config
+    from p2r_recipe.train.data import val_path
 
     perceiver = load_config(config_path(args.perceiver_config), args.overrides)
     reasoner = load_config(config_path(args.reasoner_config), args.overrides)  # fail now, not after stage 1
@@ -71,7 +72,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         stages += [
             Stage(
                 f"{tag}: train the perceiver from {model} (frozen reasoner: {model})",
-                [sys.executable, str(LAUNCH / "train_perceiver.py"), "--config", args.perceiver_config, *common,
+                [sys.executable, str(LAUNCH / "train_perceiver.py"), "--config", args.perceiver_config,
+                 f"--set=eval_dataset={val_path(data)}", *common,
                  "--pretrain", str(model), "--dataset", str(data), "--output-dir", str(stage1)],
                 stage1 / "config.json", train_env, ("reasoner", str(model)),
             ),
@@ -82,7 +84,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
             ),
             Stage(
                 f"{tag}: train the reasoner from {stage1}",
-                [sys.executable, str(LAUNCH / "train_reasoner.py"), "--config", args.reasoner_config, *common,
+                [sys.executable, str(LAUNCH / "train_reasoner.py"), "--config", args.reasoner_config,
+                 f"--set=eval_dataset={val_path(evidence / 'reasoner.jsonl')}", *common,
                  "--pretrain", str(stage1), "--dataset", str(evidence / "reasoner.jsonl"), "--output-dir", str(stage2)],
                 stage2 / "config.json", train_env,
             ),

@@ -283,6 +283,10 @@ def test_alternate_dry_run_prints_every_round(tmp_path):
     assert train2.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3 ") and "--set=save_steps=10 --reward-func" in train2
     assert all("--reward-func" in line for line in lines if "train_perceiver.py" in line)
     assert f"--dataset {r2 / 'stage2' / 'reasoner.jsonl'}" in train2 and f"--output-dir {r2 / 'reasoner'}" in train2
+    # Validation on the held-out slices: the stage-1 data's, and the one the precompute derives from it.
+    assert f"--set=eval_dataset={r2 / 'stage2' / 'reasoner_val.jsonl'}" in train2
+    train1 = next(line for line in lines if "train_perceiver.py" in line and str(r2) in line)
+    assert "--set=eval_dataset=data/p2r10k/perceiver_val.jsonl" in train1
 
 
 def test_deepspeed_ranks_other_than_0_exit_at_once(tmp_path):

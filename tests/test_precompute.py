@@ -201,3 +201,15 @@ def test_data_cli_builds_the_reasoner_dataset(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "out" / "summary_reasoner.json").read_text())
     assert summary["conversion"]["samples"] == 4 and summary["evidence"]["written"] == 4
     assert len(rows(tmp_path / "out")) == 4
+
+
+def test_cli_turns_the_held_out_slice_into_reasoner_val(tmp_path, monkeypatch):
+    items = samples(tmp_path, 5)
+    source = data.write_jsonl(tmp_path / "perceiver.jsonl", map(data.perceiver_row, items[:3]))
+    data.write_jsonl(tmp_path / "perceiver_val.jsonl", map(data.perceiver_row, items[3:]))
+    with ScriptedServer(perceiver) as server:
+        monkeypatch.setenv("PERCEIVER_PORT", str(server.port))
+        monkeypatch.setenv("PERCEIVER_MODEL", "scripted")
+        assert precompute.main(["--input", str(source), "--out", str(tmp_path / "out")]) == 0
+    held_out = [TrainSample.from_label(json.loads(line)["label"]).id for line in (tmp_path / "out" / "reasoner_val.jsonl").open()]
+    assert held_out == ["3", "4"] and len(rows(tmp_path / "out")) == 3

@@ -301,6 +301,12 @@ def prompt_row(sample: TrainSample, text: str, images: list[str]) -> dict:
     return {"prompt": messages, "images": images, "label": sample.to_label(), "datasource": sample.datasource}
 
 
+def val_path(path: str | Path) -> Path:
+    """Where the held-out slice of a prompt dataset lives: `perceiver.jsonl` -> `perceiver_val.jsonl`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_val.jsonl")
+
+
 def hold_out(samples: list[TrainSample], size: int = VAL_SIZE, seed: int = VAL_SEED) -> tuple[list, list]:
     """(training, validation): `size` samples (at most a tenth) drawn with `seed`, both lists in source order."""
     held = set(random.Random(seed).sample(range(len(samples)), min(size, len(samples) // 10)))
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["validation"] = {"size": len(val), "seed": args.val_seed, "ids": [s.id for s in val]}
     if args.role == "perceiver":
         output = write_jsonl(args.out / "perceiver.jsonl", map(perceiver_row, train))
-        write_jsonl(args.out / "perceiver_val.jsonl", map(perceiver_row, val))
+        write_jsonl(val_path(output), map(perceiver_row, val))
         summary["output"], summary["written"] = str(output), len(train)
         code = 0
     else:
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         perceiver = ServiceConfig.from_env("perceiver")
         try:
             summary["evidence"] = run(train, args.out, perceiver, args.cache)
-            summary["evidence_val"] = run(val, args.out, perceiver, args.cache, name="reasoner_val.jsonl")
+            summary["evidence_val"] = run(val, args.out, perceiver, args.cache, name=val_path("reasoner.jsonl").name)
             code = 0
         except PrecomputeStopped as exc:
             summary["stopped"], code = str(exc), 1

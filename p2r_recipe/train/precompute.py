@@ -50,7 +50,7 @@ from p2r_recipe.images import (
     load_image,
 )
 from p2r_recipe.journal import Journal
-from p2r_recipe.train.data import TrainSample, prompt_row, write_json, write_jsonl
+from p2r_recipe.train.data import TrainSample, prompt_row, val_path, write_json, write_jsonl
 from p2r_recipe.train.services import ServiceConfig
 
 # The release's request to the frozen perceiver (p2r_dataset.py `_call_perceiver`), all of it.
@@ -239,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         with path.open(encoding="utf-8") as lines:
             return [TrainSample.from_label(json.loads(line)["label"]) for line in lines if line.strip()]
 
-    val_input = args.val_input or args.input.with_name(f"{args.input.stem}_val.jsonl")
+    val_input = args.val_input or val_path(args.input)
     perceiver = ServiceConfig.from_env("perceiver")
     if args.concurrency:
         perceiver = replace(perceiver, concurrency=args.concurrency)
     try:
         summary = run(samples_of(args.input), args.out, perceiver, args.cache)
         if val_input.is_file():
-            summary["validation"] = run(samples_of(val_input), args.out, perceiver, args.cache, name="reasoner_val.jsonl")
+            held_out = samples_of(val_input)
+            summary["validation"] = run(held_out, args.out, perceiver, args.cache, name=val_path("reasoner.jsonl").name)
     except PrecomputeStopped as exc:
         print(exc, file=sys.stderr)
         return 1
