@@ -18,7 +18,7 @@ from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import data_url, fit_to_budget, load_image
 from p2r_recipe.engines.openai import ServiceUnavailable
 from p2r_recipe.scoring import VERIFIER_PARAMS
-from p2r_recipe.train.reward import FAILURES, REASONER_PARAMS, RewardConfig, response_text, reward_func, rewarder
+from p2r_recipe.train.reward import FAILURES, RewardConfig, response_text, reward_func, rewarder
 
 
 def score(sample, response: str) -> tuple[float, dict]:
