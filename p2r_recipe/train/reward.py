@@ -8,15 +8,15 @@ expanded), `prompts` the chat-formatted prompts, `labels` the JSON labels writte
 
 Returns `{"rewards": Tensor[B], "scores": Tensor[B], "extra_logs": {name: Tensor[B]}}`;
 rewards equal scores, in {0, 1}. OpenRLHF turns every extra log into a tensor, so they
-are numbers: `box_count`, `no_evidence` (0/1) and one 0/1 flag per failure reason
-(`FAILURES`). Text (answers, predictions) goes to `$P2R_REWARD_LOG`, a JSONL file.
+are numbers: `box_count`, `no_evidence` (0/1), `untagged` (0/1: no `<answer>` tags, the
+whole reply was scored) and one 0/1 flag per failure reason (`FAILURES`). Text (answers, predictions) goes to `$P2R_REWARD_LOG`, a JSONL file.
 
 Environment.
 - `P2R_ROLE`: perceiver | reasoner (required).
 - `REASONER_HOST/PORT/MODEL/API_KEY` (perceiver role), `VERIFIER_...` (free-form answers):
   see `p2r_recipe.train.services` for the defaults.
 - `P2R_MAX_PIXELS`, `P2R_MIN_PIXELS`, `P2R_CROP_MAX_PIXELS`: pixel budget of the images
-  sent to the reasoner (default `TRAIN_BUDGET`, the release's 2,097,152).
+  sent to the reasoner (default `TRAIN_BUDGET`, the release's 2,097,152 and 4,096).
 - `P2R_CONCURRENCY`, `P2R_TIMEOUT_S`, `P2R_RETRIES`, `P2R_BACKOFF_S`: service clients.
 - `P2R_REASONER_MAX_TOKENS`: the frozen reasoner's answer budget (default 2048, the release's).
 - `P2R_REWARD_LOG`: optional path; one JSON line per rollout (answer, prediction, reason).
