@@ -61,3 +61,13 @@ def test_messages_put_images_before_text():
     system, user = prompt.messages()
     assert system["content"][0]["text"] == "You are a helpful assistant."
     assert [p["type"] for p in user["content"]] == ["image", "image", "text"]
+
+
+def test_training_post_prompts_are_the_releases_three():
+    free_form = prompts.reasoning_post_prompt("free_form", training=True)
+    assert free_form.endswith("and then provide your text answer within the <answer> </answer> tags.\n")
+    # The release's ANSWER_FORM_POST_PROMPTS.get(form, free_form): any other form gets the free-form tail.
+    for form in ("yes_no", "one_word", "something_else"):
+        assert prompts.reasoning_post_prompt(form, training=True) == free_form
+    with pytest.raises(ValueError):
+        prompts.reasoning_post_prompt("something_else")  # evaluation still refuses unknown forms

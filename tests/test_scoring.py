@@ -1,8 +1,10 @@
 import asyncio
+import time
 
 import pytest
 
 from p2r_recipe import scoring
+from p2r_recipe.scoring import answer_text, grade_number, score_training, training_answer
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,64 @@ def test_unparseable_verdict_is_an_error_not_a_zero():
         client = ChatClient(server.base_url, "verifier", name="verifier")
         with pytest.raises(scoring.VerdictError, match="neither yes nor no"):
             asyncio.run(scoring.score_free_form("q", "cat", "cat", client.text))
+
+
+# --- the release's training rules (p2r_reward.py), beside the evaluation ones --------------------
+
+
+@pytest.mark.parametrize(
+    "reply, answer, tagged",
+    [
+        ("<think>x</think><answer> B </answer>", "B", True),
+        ("<answer>B</answer><answer>C</answer>", "B", True),
+        ("  no tags at all \n", "no tags at all", False),
+        ("<ANSWER>B</ANSWER>", "<ANSWER>B</ANSWER>", False),  # case-sensitive
+        ("<answer>B", "<answer>B", False),  # unclosed
+        ("", "", False),
+    ],
+)
+def test_training_answer(reply, answer, tagged):
+    assert training_answer(reply) == (answer, tagged)
+    if tagged:
+        assert answer_text(reply, "p2r") == answer  # the evaluation reads tagged replies the same way
+
+
+def test_training_answer_stays_linear_on_unclosed_tags():
+    start = time.perf_counter()
+    assert training_answer("<answer>" * 200_000)[1] is False
+    assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize(
+    "answer, truth, form, score",
+    [
+        ("E", "E", "mca", 1.0),  # A-E, whatever the question lists (evaluation: A-D)
+        ("The answer is (C)", " c ", "mca", 1.0),
+        ("B", "(B)", "mca", 0.0),  # the truth is only stripped and upper-cased
+        ("one two three four five six seven eight nine ten eleven", "B", "mca", 0.0),
+        ("1/2", "0.5", "na", 1.0),
+        ("42.0", "42", "na", 1.0),
+        ("\\frac{84}{2}", "42", "na", 0.0),  # mathruler: an integer truth wants an integer answer
+        ("50%", "0.5", "na", 0.0),
+        ("9^{9^{9}}", "1", "na", 0.0),
+        ("yes", "yes", "yes_no", 0.0),  # any other form: 0
+        ("cat", "cat", "one_word", 0.0),
+    ],
+)
+def test_score_training(answer, truth, form, score):
+    assert score_training(answer, truth, form) == score
+
+
+def test_score_training_leaves_free_form_to_the_verifier():
+    with pytest.raises(ValueError, match="verifier"):
+        score_training("a cat", "a cat", "free_form")
+
+
+def test_grade_number_is_mathruler_with_a_guard():
+    from mathruler.grader import grade_answer
+
+    for answer, truth in [("3 cm", "3"), ("1,000", "1000"), ("0.333", "1/3"), ("10^{3}", "1000"), ("2", "2.0")]:
+        assert grade_number(answer, truth) == grade_answer(answer, truth), (answer, truth)
+    start = time.perf_counter()
+    assert grade_number("2**(10**100)", "1") is False  # sympy would never finish
+    assert time.perf_counter() - start < 1
