@@ -117,7 +117,7 @@ def test_joint_agent_shows_the_evidence_and_scores_the_final_answer(tmp_path, mo
     text = processor.tokenizer.decode(result["observation_tokens"])
     turn = prompts.reason_text(sample.question, "mca", True, training=True)
     assert f"{BOX}<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>" in text
-    assert text.endswith(f"{turn}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>")
+    assert text.endswith(f"<|vision_end|>\n{turn}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>")
 
 
 def test_joint_agent_without_boxes_reasons_on_the_original_image(tmp_path, monkeypatch, processor):

@@ -49,7 +49,8 @@ from p2r_recipe.train.services import env_number
 
 AGENTS = ("role", "joint")
 END_OF_TURN = "<|im_end|>"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+# Each image followed by a newline, as the release's stage-2 prompt writes "<image>\n" per image.
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>\n"
 USER_TURN = "\n<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
