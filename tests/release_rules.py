@@ -72,3 +72,38 @@ def evidence_payload(image_bytes, text):
         im.save(buf, format="JPEG", quality=95)
         out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
     return out
+
+
+# --- the training reward's answer rules (p2r_reward.py), transcribed -------------------------------
+
+_TRAIN_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_MCA_PREFIXES = [
+    "The best answer is", "The correct answer is", "The answer is", "The answer", "The best option is",
+    "The correct option is", "Best answer:", "Best option:", "Answer:", "Option:", "The correct answer",
+    "The correct option",
+]  # fmt: skip
+
+
+def train_score(reply, ground_truth, answer_form):
+    """The release's reward for a reply of a locally scored form (its `_extract_answer` + `_evaluate_answer`)."""
+    if not reply:
+        answer = ""
+    else:
+        m = _TRAIN_ANSWER.search(reply)
+        answer = m.group(1).strip() if m else reply.strip()
+    if answer_form == "mca":
+        s = answer.strip() if answer else ""
+        for prefix in _MCA_PREFIXES:
+            s = s.replace(prefix, "")
+        if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+            return 0.0
+        m = re.search(r"[ABCDE]", s)
+        return 1.0 if (m[0] if m else "") == ground_truth.strip().upper() else 0.0
+    if answer_form == "na":
+        try:
+            from mathruler.grader import grade_answer
+
+            return float(grade_answer(answer, ground_truth))
+        except Exception:
+            return 0.0
+    return 0.0

@@ -2,6 +2,9 @@ import asyncio
 import time
 
 import pytest
+import release_rules
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2r_recipe import scoring
 from p2r_recipe.scoring import answer_text, grade_number, score_training, training_answer
@@ -162,3 +165,19 @@ def test_grade_number_is_mathruler_with_a_guard():
     start = time.perf_counter()
     assert grade_number("2**(10**100)", "1") is False  # sympy would never finish
     assert time.perf_counter() - start < 1
+
+
+_FRAGMENTS = ["<answer>", "</answer>", "<ANSWER>", "<think>", "</think>", "A", "B", "E", "F", "(C)", "b", "The answer is",
+              "Answer:", " ", "\n", "word", "42", "42.0", "1/2", "0.5", "3 cm", "10%"]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(_FRAGMENTS), max_size=14).map("".join),
+    st.sampled_from(["A", "B", "E", " b ", "(C)", "42", "0.5"]),
+    st.sampled_from(["mca", "na", "yes_no"]),
+)
+def test_training_rules_agree_with_the_releases_code(reply, truth, form):
+    """Ours against an independent transcription of the release's reward code (tests/release_rules.py)."""
+    answer, _ = training_answer(reply)
+    assert score_training(answer, truth, form) == release_rules.train_score(reply, truth, form)
