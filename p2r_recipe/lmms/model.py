@@ -13,14 +13,25 @@ any lmms-eval model, but 0.7.3 caches replies only once `generate_until` has ret
 (its `cache_hook` is a no-op), so a killed run keeps nothing. `record_cache=PATH` keeps
 every finished record in a journal as its batch completes: a re-run after a crash or a
 kill answers those from the journal and computes only the rest.
+
+Several processes: under `accelerate launch --num_processes N -m lmms_eval --model p2r ...`
+lmms-eval gives each process every N-th request of each task and gathers the replies on rank
+0, which scores them, so the results equal one process's. Each process takes its rank and
+world size from accelerate and its own device: the hf backend loads the model on
+cuda:{local_rank} (the CPU under accelerate's CPU/gloo path), the vllm backend builds one
+engine per process on its own `tensor_parallel_size` GPUs, and with `record_cache=PATH`
+each rank keeps its own journal, PATH.rank{R}of{N}.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
+import torch
+from accelerate import Accelerator
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
@@ -40,6 +51,18 @@ from . import envelope
 ANSWER_FORM_KEY = "p2r_answer_form"
 # Option lines of a multiple-choice question: "A. red", "(B) blue", "C) green".
 _OPTION = re.compile(r"^\s*\(?([A-F])(?:\)|\.|\s)", re.MULTILINE)
+
+
+def gpu_slice(local_rank: int, per_process: int, visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES of one process's vLLM engine: its own `per_process` GPUs of those visible."""
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mine = devices[local_rank * per_process : (local_rank + 1) * per_process]
+    if len(mine) < per_process:
+        raise ValueError(
+            f"p2r: process {local_rank} needs GPUs {local_rank * per_process}..{(local_rank + 1) * per_process - 1} "
+            f"(tensor_parallel_size {per_process} each), only {len(devices)} visible on this node"
+        )
+    return ",".join(mine)
 
 
 def guess_answer_form(question: str) -> tuple[str, str]:
@@ -95,6 +118,10 @@ class P2R(lmms):
         self.perceive_max_new_tokens = int(perceive_max_new_tokens or min(1024, self.max_new_tokens))
         if not str(batch_size).isdigit():
             raise ValueError(f"p2r: batch_size must be a positive integer, got {batch_size!r}")
+        # lmms-eval splits the requests by these; under `accelerate launch` each process has its own.
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._device = self.accelerator.device
         if backend == "openai":
             model = served_model or pretrained
             if not (base_url and model):
@@ -103,19 +130,49 @@ class P2R(lmms):
         elif pretrained is None:
             raise ValueError("p2r: pretrained is required (a hub id, a local directory, or p2r-tiny)")
         elif backend == "hf":
+            if device == "auto" and self._world_size > 1:
+                device = str(self._device)  # cuda:{local_rank}, or cpu under accelerate's CPU path
             engine_kwargs.update(pretrained=pretrained, device=device, dtype=dtype, batch_size=int(batch_size))
         else:
+            self._place_vllm(engine_kwargs)
             engine_kwargs.update(pretrained=pretrained, dtype=dtype)
         self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
         if pretrained and is_tiny_model(pretrained):
             logger.warning("p2r: the tiny random-weight test model: its answers and scores are meaningless.")
         self.chunk_size = int(batch_size) if backend == "hf" else int(concurrency)
+        if record_cache and self._world_size > 1:
+            record_cache = f"{record_cache}.rank{self._rank}of{self._world_size}"  # one writer per file
         self.journal = Journal(record_cache) if record_cache else None
         # What makes a cached record valid for this run: the model and every setting that changes its answer.
         self._identity = [served_model or pretrained, mode, self.budget.max_pixels, self.budget.min_pixels,
                           self.budget.crop_max_pixels, self.max_new_tokens, self.perceive_max_new_tokens]
 
+    @property
+    def device(self) -> torch.device:
+        """This process's device; lmms-eval gathers the per-rank request counts on it."""
+        return self._device
+
+    def _place_vllm(self, engine_kwargs: dict) -> None:
+        """Data parallelism for vllm is lmms-eval's process split: one engine per process, on its own GPUs.
+
+        `data_parallel_size`, when given, must equal the number of processes; it is not passed to vLLM,
+        whose offline engine does not replicate itself. `tensor_parallel_size` goes to vLLM as it is.
+        """
+        replicas = int(engine_kwargs.pop("data_parallel_size", self._world_size))
+        if replicas != self._world_size:
+            raise ValueError(
+                f"p2r: data_parallel_size={replicas} but {self._world_size} process(es): run "
+                f"`accelerate launch --num_processes {replicas} -m lmms_eval --model p2r ...`, one engine per process"
+            )
+        if self._world_size > 1 and torch.cuda.is_available():
+            # vLLM's engine runs in a process it spawns, which reads this variable when it starts.
+            per_process = int(engine_kwargs.get("tensor_parallel_size", 1))
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slice(self.accelerator.local_process_index, per_process, visible)
+
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        if self._world_size > 1:
+            logger.info(f"p2r: rank {self._rank} of {self._world_size} answers {len(requests)} requests")
         collator = utils.Collator(
             [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
         )

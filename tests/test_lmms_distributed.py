@@ -1,0 +1,82 @@
+"""`accelerate launch --num_processes 2 -m lmms_eval --model p2r`: each process answers its share, the results equal one process's."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmms_cli
+import pytest
+from servers import free_port
+
+from p2r_recipe.lmms import envelope
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+TASKS = ("p2r_demo_vstar", "p2r_demo_hrbench_4k", "p2r_demo_hrbench_8k")
+LIMIT = 2  # per task: 6 requests, 3 for each of 2 processes
+
+
+def evaluate(tmp_path: Path, model_dir: Path, processes: int) -> lmms_cli.Outputs:
+    out = tmp_path / f"np{processes}"
+    args = ["--model", "p2r", "--model_args", f"pretrained={model_dir},mode=p2r,max_pixels=65536,max_new_tokens=8",
+            "--tasks", "p2r_demo", "--limit", str(LIMIT), "--batch_size", "8", "--output_path", str(out), "--log_samples"]  # fmt: skip
+    if processes == 1:
+        log = lmms_cli.run(*args, cwd=tmp_path)
+    else:
+        # --multi_gpu on a machine without GPUs is accelerate's CPU path: torchrun processes over gloo.
+        launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                  "-m", "lmms_eval"]  # fmt: skip
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        done = subprocess.run(
+            [*launch, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-6000:]
+    outputs = lmms_cli.read_outputs(out)
+    outputs.log = log
+    return outputs
+
+
+def comparable(outputs: lmms_cli.Outputs, task: str) -> tuple[dict, list]:
+    """A task's metrics and per-document records, without the timings that differ between any two runs."""
+    metrics = {k: v for k, v in outputs.metrics(task).items() if k != "seconds_per_sample"}
+    records = []
+    for sample in sorted(outputs.samples[task], key=lambda s: s["doc_id"]):
+        record = envelope.unwrap(sample["filtered_resps"])
+        records.append((sample["doc_id"], sample["target"], {k: v for k, v in record.items() if k != "latency_s"}))
+    return metrics, records
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_split_the_work_and_equal_one_process(tmp_path, tiny_model_dir):
+    one = evaluate(tmp_path, tiny_model_dir, 1)
+    two = evaluate(tmp_path, tiny_model_dir, 2)
+
+    # Each process answered its own half: the work was split, not repeated.
+    assert "rank 0 of 2 answers 3 requests" in two.log and "rank 1 of 2 answers 3 requests" in two.log
+    assert "answers 6 requests" not in two.log
+    for task in TASKS:
+        assert two.results["n-samples"][task] == one.results["n-samples"][task]
+        assert two.results["n-samples"][task]["effective"] == LIMIT
+        metrics, records = comparable(two, task)
+        assert (metrics, records) == comparable(one, task)
+        # Each document's record is its own (ids and prompt sizes differ between documents).
+        assert [r[2]["id"] for r in records] == [f"{task}/{i}" for i in range(LIMIT)]
+        assert all(r[2]["error"] is None for r in records)
+    assert len({r[2]["input_tokens"] for task in TASKS for r in comparable(two, task)[1]}) > 1
+    group = [{k: v for k, v in run.metrics("p2r_demo").items() if k != "seconds_per_sample"} for run in (one, two)]
+    assert group[0] == group[1]
+
+
+def test_each_vllm_process_takes_its_own_gpus_and_data_parallel_size_must_match_the_processes():
+    from p2r_recipe.lmms.model import P2R, gpu_slice
+
+    assert gpu_slice(0, 1, "0,1,2,3") == "0" and gpu_slice(3, 1, "0,1,2,3") == "3"
+    assert gpu_slice(1, 2, "4,5,6,7") == "6,7"  # tensor parallel 2: process 1 takes the second pair
+    with pytest.raises(ValueError, match=r"process 2 needs GPUs 4..5 \(tensor_parallel_size 2 each\), only 4 visible"):
+        gpu_slice(2, 2, "0,1,2,3")
+    # One process cannot be 2 replicas; the message says how to start them (before vLLM is ever imported).
+    with pytest.raises(ValueError, match="data_parallel_size=2 but 1 process.*accelerate launch --num_processes 2"):
+        P2R(pretrained="p2r-tiny", backend="vllm", data_parallel_size="2")
