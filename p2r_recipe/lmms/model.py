@@ -79,8 +79,9 @@ class P2R(lmms):
     Token budgets are model args, not the task's (P2R's prompts decide the answer format):
     `max_new_tokens` for the answering pass, `perceive_max_new_tokens` for the boxes. Extra
     model args go to the backend's engine as they are (e.g. `tensor_parallel_size` for
-    vllm, `timeout_s` for openai). `batch_size` (lmms-eval's `--batch_size`) is the hf
-    batch; vllm and openai keep `concurrency` samples in flight.
+    vllm, `timeout_s` for openai), except vllm's `data_parallel_size`: the number of
+    processes (see the module docstring). `batch_size` (lmms-eval's `--batch_size`) is the hf
+    batch; vllm and openai keep `concurrency` samples in flight, per process.
     """
 
     is_simple = True
