@@ -40,6 +40,10 @@ def parser(role: str, doc: str) -> argparse.ArgumentParser:
         "--output-dir", help="final HF checkpoint dir (checkpoints/ and tensorboard/ inside); wins over --set"
     )
     cli.add_argument(
+        "--nodes", type=int, help="nodes of the Ray cluster to train on (num_nodes); more than 1 needs RAY_ADDRESS"
+    )
+    cli.add_argument("--gpus-per-node", type=int, help="GPUs used on each node (gpus_per_node)")
+    cli.add_argument(
         "--reward-func",
         action="store_true",
         help="reward through reward_func (p2r_recipe/train/reward.py, --reward.remote_url) instead of the agent "
@@ -144,13 +148,44 @@ def pretrain_problem(config) -> str | None:
 
 def gpu_problem(config) -> str | None:
     """A local run needs the config's GPUs visible here; Ray would otherwise wait for them forever."""
-    if os.environ.get("RAY_ADDRESS", "local") != "local" or config.num_nodes > 1:
+    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local") or config.num_nodes > 1:
         return None  # the GPUs are the cluster's
     import torch
 
     visible = torch.cuda.device_count()
     if visible < config.num_gpus:
         return f"the config needs {config.num_gpus} GPUs (gpus_per_node), {visible} visible (CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def reach_problem(name: str, config, env=None) -> str | None:
+    """On several nodes every Ray worker calls the service: it must listen on an address they all reach."""
+    from p2r_recipe.train.services import ServiceConfig
+
+    service = ServiceConfig.from_env(name, env)
+    if config.num_nodes == 1 or not service.local_only:
+        return None
+    prefix = name.upper()
+    return (
+        f"{name} service at {service.base_url} is reachable from this node only, and {config.num_nodes} nodes train: "
+        f"start it with {prefix}_HOST=<an address every node reaches> and {prefix}_API_KEY_FILE (or {prefix}_API_KEY), "
+        f"and set the same {prefix}_HOST here"
+    )
+
+
+def cluster_problem(config, env=None) -> str | None:
+    """Training on several nodes needs a running Ray cluster, named by its dashboard URL (for `ray job submit`)."""
+    env = os.environ if env is None else env
+    address = env.get("RAY_ADDRESS", "local")
+    if address in ("", "local"):
+        if config.num_nodes > 1:
+            return (
+                f"{config.num_nodes} nodes need a Ray cluster: `ray start --head` on one node, "
+                "`ray start --address HEAD:6379` on the others, then RAY_ADDRESS=http://HEAD:8265 here"
+            )
+        return None
+    if not re.match(r"https?://", address):
+        return f"RAY_ADDRESS={address}: give the cluster's dashboard URL (http://HEAD:8265), which `ray job submit` uses"
     return None
 
 
@@ -165,6 +200,7 @@ def preflight(config) -> list[str]:
             "p2r_recipe.train.precompute (stage 2) write it beside the training file, or --set eval_dataset= to skip validation"
         )
     problems.extend(service_problem(name) for name in NEEDED_SERVICES[config.role])
+    problems.extend(reach_problem(name, config) for name in NEEDED_SERVICES[config.role])
     problems.append(gpu_problem(config))
     return [p for p in problems if p]
 
@@ -196,7 +232,9 @@ def main(role: str, doc: str, argv: list[str] | None = None, joint: bool = False
     use_joint = getattr(args, "joint", False)
     name = args.config or ("joint_4b" if use_joint else f"{role}_4b")
     try:
-        config = load_config(config_path(name), args.overrides)
+        hardware = [f"{key}={value}" for key, value in (("num_nodes", args.nodes), ("gpus_per_node", args.gpus_per_node))
+                    if value is not None]  # fmt: skip
+        config = load_config(config_path(name), [*args.overrides, *hardware])
     except (OSError, ValueError) as exc:
         cli.error(str(exc))
     paths = {key: getattr(args, key) for key in ("pretrain", "dataset", "output_dir") if getattr(args, key) is not None}
@@ -207,7 +245,13 @@ def main(role: str, doc: str, argv: list[str] | None = None, joint: bool = False
     if args.reward_func and config.role == "joint":
         cli.error("--reward-func: the joint role is a two-turn agent; it has no reward_func form")
 
-    command = build_command(config, agent=not args.reward_func)
+    problem = cluster_problem(config)
+    if problem:
+        cli.error(problem)
+    try:
+        command = build_command(config, agent=not args.reward_func)
+    except ValueError as exc:  # a malformed key file or setting
+        cli.error(str(exc))
     if args.dry_run:
         print(command.shell())
         return 0
@@ -215,5 +259,6 @@ def main(role: str, doc: str, argv: list[str] | None = None, joint: bool = False
     if problems:
         print(f"not starting {expected} training:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 1
+    command.write_files()
     print(f"starting: {command.shell()}", flush=True)
     os.execvpe(command.argv[0], command.argv, command.process_env())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import os
 import shutil
 import signal
@@ -222,9 +223,13 @@ def test_command_environment_local_and_on_a_ray_cluster():
 
     cluster = build_command(config, env={**env, "RAY_ADDRESS": "http://head:8265"})
     assert cluster.argv[1:5] == ["job", "submit", "--address", "http://head:8265"] and cluster.env == {}
-    runtime = json.loads(cluster.argv[cluster.argv.index("--runtime-env-json") + 1])
+    # The variables, the key among them, reach the cluster's workers through a mode-600 file, never argv.
+    path = Path(cluster.argv[cluster.argv.index("--runtime-env") + 1])
+    assert path == ROOT / "runs/perceiver_4b/ray_runtime_env.json" and list(cluster.files) == [path]
+    runtime = json.loads(cluster.files[path])
     assert runtime["env_vars"]["P2R_ROLE"] == "perceiver" and runtime["env_vars"]["REASONER_API_KEY"] == "s3cret"
-    assert cluster.argv[cluster.argv.index("--") + 1 :] == local.argv and "s3cret" not in cluster.shell()
+    assert cluster.argv[cluster.argv.index("--") + 1 :] == local.argv
+    assert "s3cret" not in " ".join(cluster.argv) and "s3cret" not in cluster.shell()
 
 
 # --- launchers ---------------------------------------------------------------------------------------
@@ -419,3 +424,82 @@ def test_alternate_stops_at_a_failed_stage_and_stops_its_service(tmp_path, tiny_
     assert "reasoner: stopped" in out.stdout and not (tmp_path / "alt" / "services" / "reasoner.pid").exists()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{reasoner_port}/v1/models", timeout=2)
+
+
+# --- several nodes, and keys outside argv ------------------------------------------------------------
+
+
+def test_runtime_env_file_is_written_for_its_owner_only(tmp_path):
+    config = dataclasses.replace(load_config(CONFIGS / "perceiver_4b.yaml"), output_dir=str(tmp_path / "out"))
+    command = build_command(config, env={"REASONER_API_KEY": "s3cret", "RAY_ADDRESS": "https://head:8265"})
+    [path] = command.files
+    path.parent.mkdir()
+    path.write_text("old")
+    path.chmod(0o644)  # a file left by an earlier run keeps no wider mode
+    command.write_files()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text())["env_vars"]["REASONER_API_KEY"] == "s3cret"
+
+
+def test_service_key_from_a_mode_600_file_travels_as_its_path(tmp_path):
+    from p2r_recipe.train.command import service_env
+    from p2r_recipe.train.services import ServiceConfig
+
+    key = tmp_path / "verifier.key"
+    key.write_text("s3cret\n")
+    key.chmod(0o600)
+    env = {"VERIFIER_API_KEY_FILE": str(key), "VERIFIER_API_KEY": "ignored"}
+    assert ServiceConfig.from_env("verifier", env).api_key == "s3cret"
+    assert service_env(("verifier",), env)["VERIFIER_API_KEY_FILE"] == str(key) and "VERIFIER_API_KEY" not in (
+        service_env(("verifier",), env)
+    )
+    key.chmod(0o640)
+    with pytest.raises(ValueError, match=r"readable by others \(mode 640\); chmod 600"):
+        ServiceConfig.from_env("verifier", env)
+    key.write_text("\n")
+    key.chmod(0o600)
+    with pytest.raises(ValueError, match="is empty"):
+        ServiceConfig.from_env("verifier", env)
+    with pytest.raises(ValueError, match="cannot read the key file"):
+        ServiceConfig.from_env("verifier", {"VERIFIER_API_KEY_FILE": str(tmp_path / "missing")})
+    out = launcher("train_reasoner.py", "--dry-run", env=clean_env(VERIFIER_API_KEY_FILE=str(key)))
+    assert out.returncode == 2 and "VERIFIER_API_KEY_FILE" in out.stderr and "is empty" in out.stderr
+
+
+def two_by_eight(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return launcher("train_perceiver.py", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", *args, env=clean_env(**env))
+
+
+def test_several_nodes_need_a_ray_cluster_and_services_every_node_reaches(tmp_path):
+    out = two_by_eight()
+    assert out.returncode == 2 and "2 nodes need a Ray cluster: `ray start --head`" in out.stderr
+    out = two_by_eight(RAY_ADDRESS="head:6379")
+    assert out.returncode == 2 and "give the cluster's dashboard URL (http://HEAD:8265)" in out.stderr
+
+    sys.path.insert(0, str(LAUNCH))
+    from _common import reach_problem
+
+    two_nodes = load_config(None, ["num_nodes=2", "gpus_per_node=8"])
+    assert "reachable from this node only, and 2 nodes train" in reach_problem("reasoner", two_nodes, {})
+    assert reach_problem("reasoner", two_nodes, {"REASONER_HOST": "10.0.0.5"}) is None
+    assert reach_problem("reasoner", load_config(None), {}) is None  # one node: loopback is fine
+
+
+@pytest.mark.slow
+def test_two_nodes_of_eight_gpus_dry_run_is_accepted_by_openrlhf(tmp_path):
+    out = two_by_eight(
+        "--output-dir", str(tmp_path / "out"), RAY_ADDRESS="http://head:8265", REASONER_HOST="10.0.0.5",
+        REASONER_API_KEY="s3cret", VERIFIER_HOST="10.0.0.6",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout.strip())
+    runtime_env = tmp_path / "out" / "ray_runtime_env.json"
+    assert argv[1:7] == ["job", "submit", "--address", "http://head:8265", "--runtime-env", str(runtime_env)]
+    assert "s3cret" not in out.stdout and not runtime_env.exists()  # a dry run writes nothing
+    openrlhf = argv[argv.index("--") + 1 :]
+    assert openrlhf[1:3] == ["-m", "openrlhf.cli.train_ppo_ray"]
+    [args] = parse_with_openrlhf([openrlhf[3:]])
+    assert (args["actor"]["num_nodes"], args["actor"]["num_gpus_per_node"]) == (2, 8)
+    assert (args["ref"]["num_nodes"], args["ref"]["num_gpus_per_node"]) == (2, 8)
+    assert (args["vllm"]["num_engines"], args["vllm"]["tensor_parallel_size"]) == (16, 1)
+    assert args["train"]["colocate_all"] and args["train"]["batch_size"] == 64 * 8

@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import AGENT_FILE, REWARD_FILE
@@ -32,27 +32,34 @@ LAUNCHER_VARS = (
 
 @dataclass(frozen=True)
 class Command:
-    """An argument list and the variables the reward code needs in every Ray worker."""
+    """An argument list, the variables the reward code needs in every Ray worker, and files to write first.
+
+    `files` (path -> text) hold what must not travel in argv, e.g. a Ray runtime env with service keys;
+    `write_files` creates them with mode 600.
+    """
 
     argv: list[str]
     env: dict[str, str]
+    files: dict[Path, str] = field(default_factory=dict)
 
     def shell(self) -> str:
         """One copy-pasteable line, API keys masked."""
         shown = [f"{k}=***" if k.endswith("API_KEY") else f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
-        return " ".join([*shown, shlex.join(_mask_runtime_env(arg) for arg in self.argv)])
+        return " ".join([*shown, shlex.join(self.argv)])
 
     def process_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The driver's environment: `base` (default os.environ) without deepspeed's rank variables, plus `env`."""
         base = os.environ if base is None else base
         return {**{k: v for k, v in base.items() if k not in LAUNCHER_VARS}, **self.env}
 
-
-def _mask_runtime_env(arg: str) -> str:
-    if not arg.startswith('{"env_vars"'):
-        return arg
-    env = json.loads(arg)["env_vars"]
-    return json.dumps({"env_vars": {k: "***" if k.endswith("API_KEY") else v for k, v in env.items()}})
+    def write_files(self) -> None:
+        """Write `files`, readable by their owner only (mode 600, also when the file existed)."""
+        for path, text in self.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
 
 
 def _local(path: str) -> str:
@@ -136,13 +143,17 @@ def openrlhf_args(config: TrainConfig, agent: bool = True) -> list[str]:
 
 
 def service_env(names: tuple[str, ...], env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The resolved `{NAME}_HOST/_PORT/_MODEL/_API_KEY` of each service, so every worker calls the one we checked."""
+    """The resolved `{NAME}_HOST/_PORT/_MODEL` of each service, so every worker calls the one we checked, and its
+    key: the path when it came from `{NAME}_API_KEY_FILE` (only the path travels), else `{NAME}_API_KEY`."""
+    env = os.environ if env is None else env
     out = {}
     for name in names:
         service = ServiceConfig.from_env(name, env)
         prefix = name.upper()
         out |= {f"{prefix}_HOST": service.host, f"{prefix}_PORT": str(service.port), f"{prefix}_MODEL": service.model}
-        if service.api_key:
+        if env.get(f"{prefix}_API_KEY_FILE"):
+            out[f"{prefix}_API_KEY_FILE"] = str(Path(env[f"{prefix}_API_KEY_FILE"]).resolve())
+        elif service.api_key:
             out[f"{prefix}_API_KEY"] = service.api_key
     return out
 
@@ -161,6 +172,11 @@ def role_env(role: str, agent: bool) -> dict[str, str]:
     return {"P2R_ROLE": role, "P2R_AGENT": "role"} if agent else {"P2R_ROLE": role}
 
 
+def runtime_env_path(config: TrainConfig) -> Path:
+    """Where a Ray cluster run's runtime env (its variables, keys included) is written, mode 600."""
+    return Path(config.output_dir).resolve() / "ray_runtime_env.json"
+
+
 def build_command(
     config: TrainConfig, agent: bool = True, env: Mapping[str, str] | None = None, python: str = sys.executable
 ) -> Command:
@@ -168,8 +184,9 @@ def build_command(
 
     With no RAY_ADDRESS (or RAY_ADDRESS=local) the driver starts a fresh local Ray cluster, whose
     workers inherit the driver's environment. With RAY_ADDRESS naming a running cluster (its dashboard
-    URL) the run is submitted with `ray job submit` and the variables go in its runtime env, since
-    that cluster's workers never see our environment.
+    URL, http://HEAD:8265, of a cluster made with `ray start --head` and `ray start --address`) the run
+    is submitted with `ray job submit`, since that cluster's workers never see our environment: the
+    variables go in its runtime env, written to a mode-600 file (`runtime_env_path`), never in argv.
     """
     env = os.environ if env is None else env
     variables = {k: v for k, v in env.items() if k.startswith("P2R_")}
@@ -178,15 +195,7 @@ def build_command(
     address = env.get("RAY_ADDRESS", "")
     if address in ("", "local"):
         return Command(argv, {**variables, "RAY_ADDRESS": "local"})
-    runtime_env = json.dumps({"env_vars": variables})
     ray = Path(python).with_name("ray")
-    submit = [
-        str(ray) if ray.exists() else "ray",
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--runtime-env-json",
-        runtime_env,
-    ]
-    return Command([*submit, "--", *argv], {})
+    runtime_env = runtime_env_path(config)
+    submit = [str(ray) if ray.exists() else "ray", "job", "submit", "--address", address, "--runtime-env", str(runtime_env)]
+    return Command([*submit, "--", *argv], {}, {runtime_env: json.dumps({"env_vars": variables}, indent=1)})

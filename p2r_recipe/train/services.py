@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from p2r_recipe.engines.openai import ChatClient
 
@@ -31,9 +33,33 @@ def env_number(env: Mapping[str, str], var: str, default: float, kind: type = fl
         raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def read_key_file(path: str, var: str) -> str:
+    """A service key from a file only its owner can read (mode 600), so it never travels in argv or a shared env."""
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        key = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{var}={path}: cannot read the key file ({exc.strerror})") from None
+    if mode & 0o077:
+        raise ValueError(f"{var}={path} is readable by others (mode {mode & 0o777:o}); chmod 600 {path}")
+    if not key:
+        raise ValueError(f"{var}={path} is empty")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this node only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
-    """One OpenAI-compatible service: `{NAME}_HOST`, `{NAME}_PORT`, `{NAME}_MODEL`, `{NAME}_API_KEY`."""
+    """One OpenAI-compatible service: `{NAME}_HOST`, `{NAME}_PORT`, `{NAME}_MODEL`, and its key,
+    `{NAME}_API_KEY` or `{NAME}_API_KEY_FILE` (a mode-600 file holding it; the file wins)."""
 
     name: str
     host: str
@@ -58,12 +84,17 @@ class ServiceConfig:
             host=env.get(f"{prefix}_HOST") or DEFAULT_HOST,
             port=env_number(env, f"{prefix}_PORT", DEFAULT_PORTS[name], int),
             model=env.get(f"{prefix}_MODEL") or name,
-            api_key=env.get(f"{prefix}_API_KEY") or None,
+            api_key=_key(env, prefix),
             concurrency=env_number(env, "P2R_CONCURRENCY", DEFAULT_CONCURRENCY, int),
             timeout_s=env_number(env, "P2R_TIMEOUT_S", DEFAULT_TIMEOUT_S),
             retries=env_number(env, "P2R_RETRIES", DEFAULT_RETRIES, int),
             backoff_s=env_number(env, "P2R_BACKOFF_S", DEFAULT_BACKOFF_S),
         )
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only processes on this node can reach it (a loopback address)."""
+        return is_loopback(self.host)
 
     @property
     def base_url(self) -> str:
@@ -76,3 +107,10 @@ class ServiceConfig:
             self.base_url, self.model, self.api_key, name=self.name, concurrency=self.concurrency,
             timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
         )  # fmt: skip
+
+
+def _key(env: Mapping[str, str], prefix: str) -> str | None:
+    path = env.get(f"{prefix}_API_KEY_FILE")
+    if path:
+        return read_key_file(path, f"{prefix}_API_KEY_FILE")
+    return env.get(f"{prefix}_API_KEY") or None
