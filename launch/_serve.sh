@@ -13,10 +13,13 @@
 #   -- ARGS        passed verbatim to the server (e.g. -- --tensor-parallel-size 2 --max-model-len 16384)
 #
 # Environment (the reward, precompute and launcher code read the same variables):
-#   <ROLE>_HOST      address to bind and to call (default 127.0.0.1: loopback only)
+#   <ROLE>_HOST      address to bind and to call (default 127.0.0.1: loopback only). Any other address
+#                    (e.g. this node's address, for trainers on other nodes) requires a key
 #   <ROLE>_PORT      reasoner 18901, perceiver 18902, verifier 18903
 #   <ROLE>_MODEL     served model name clients send (default: the role name)
-#   <ROLE>_API_KEY   if set, clients must send it; it reaches the server by environment, never argv
+#   <ROLE>_API_KEY_FILE  a file holding the key, mode 600 (checked); wins over <ROLE>_API_KEY
+#   <ROLE>_API_KEY   the key itself. Clients must send it; it reaches the server by environment, never
+#                    argv. Set but empty, or an empty file: refused at start-up
 #   P2R_RUN_DIR      log and pid files go to $P2R_RUN_DIR/services/<role>.{log,pid} (default ./runs)
 #   P2R_SERVE_TIMEOUT_S  how long to wait for /v1/models to list the served name (default 900)
 #   CUDA_VISIBLE_DEVICES the GPUs `vllm serve` uses: keep them apart from the training GPUs
@@ -35,6 +38,8 @@ host_var=${prefix}_HOST port_var=${prefix}_PORT name_var=${prefix}_MODEL key_var
 host=${!host_var:-127.0.0.1}
 port=${!port_var:-$default_port}
 served=${!name_var:-$role}
+key_file_var=${prefix}_API_KEY_FILE
+key_file=${!key_file_var:-}
 api_key=${!key_var:-}
 timeout_s=${P2R_SERVE_TIMEOUT_S:-900}
 run_dir=${P2R_RUN_DIR:-./runs}/services
@@ -54,6 +59,32 @@ while (($#)); do
   esac
   shift
 done
+
+if [[ $action != stop ]]; then
+  if [[ -n $key_file ]]; then
+    if [[ ! -r $key_file ]]; then
+      echo "$role: $key_file_var=$key_file cannot be read" >&2; exit 2
+    fi
+    mode=$(stat -L -c %a "$key_file")
+    if ((8#$mode & 8#077)); then
+      echo "$role: $key_file_var=$key_file is readable by others (mode $mode); chmod 600 $key_file" >&2
+      exit 2
+    fi
+    api_key=$(<"$key_file")
+    api_key=${api_key%$'\r'}
+    [[ -n $api_key ]] || { echo "$role: $key_file_var=$key_file is empty: no key, refused" >&2; exit 2; }
+  elif [[ -n ${!key_var+set} && -z $api_key ]]; then
+    echo "$role: $key_var is set but empty: an empty key would let anyone in; unset it or give a key" >&2
+    exit 2
+  fi
+  case $host in
+    127.* | localhost | ::1 | "[::1]") ;;
+    *) if [[ -z $api_key ]]; then
+         echo "$role: $host_var=$host listens beyond loopback: set $key_file_var (or $key_var) so clients need a key" >&2
+         exit 2
+       fi ;;
+  esac
+fi
 
 case $host in 0.0.0.0) call_host=127.0.0.1 ;; :: | "[::]") call_host="[::1]" ;; *:*) call_host="[$host]" ;; *) call_host=$host ;; esac
 url=http://$call_host:$port
@@ -134,11 +165,11 @@ fi
 
 mkdir -p "$run_dir"
 # setsid: the server leads its own process group, so --stop also ends the workers it spawns.
-if [[ -n $api_key ]]; then
-  env "$key_env=$api_key" setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
-else
-  env -u "$key_env" setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
-fi
+# The key is exported inside the subshell, never put on a command line (`env VAR=key` would show in `ps`).
+(
+  if [[ -n $api_key ]]; then export "$key_env=$api_key"; else unset "$key_env"; fi
+  exec setsid "${cmd[@]}"
+) >"$log" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$pidfile"
 echo "$role: starting ${cmd[*]} (pid $pid, log $log)"

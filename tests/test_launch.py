@@ -367,10 +367,39 @@ def test_service_scripts_dry_run_defaults_match_the_clients():
     assert out.returncode == 2 and "give MODEL_PATH or set PERCEIVER_MODEL_PATH" in out.stderr
 
 
+def test_service_scripts_refuse_empty_keys_open_key_files_and_keyless_public_addresses(tmp_path):
+    script = LAUNCH / "start_verifier_server.sh"
+
+    def dry(**env: str) -> subprocess.CompletedProcess:
+        return run([script, "--dry-run", "/models/judge"], clean_env(**env))
+
+    out = dry(VERIFIER_API_KEY="")
+    assert out.returncode == 2 and "VERIFIER_API_KEY is set but empty" in out.stderr
+    out = dry(VERIFIER_HOST="0.0.0.0")
+    assert out.returncode == 2 and "VERIFIER_HOST=0.0.0.0 listens beyond loopback: set VERIFIER_API_KEY_FILE" in out.stderr
+    key = tmp_path / "verifier.key"
+    key.write_text("s3cret\n")
+    key.chmod(0o644)
+    out = dry(VERIFIER_HOST="10.1.2.3", VERIFIER_API_KEY_FILE=str(key))
+    assert out.returncode == 2 and "is readable by others (mode 644); chmod 600" in out.stderr
+    key.chmod(0o600)
+    out = dry(VERIFIER_HOST="10.1.2.3", VERIFIER_API_KEY_FILE=str(key))
+    assert out.returncode == 0 and "--host 10.1.2.3" in out.stdout and "api key: set" in out.stdout
+    assert "s3cret" not in out.stdout + out.stderr
+    key.write_text("\n")
+    out = dry(VERIFIER_API_KEY_FILE=str(key))
+    assert out.returncode == 2 and "is empty: no key, refused" in out.stderr
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert dry(VERIFIER_HOST=host).returncode == 0  # loopback needs no key
+
+
 def test_service_script_dev_starts_checks_and_stops_p2r_serve(tmp_path, tiny_model_dir):
     port = free_port()
+    key = tmp_path / "reasoner.key"
+    key.write_text("k3y\n")
+    key.chmod(0o600)
     env = clean_env(
-        REASONER_PORT=str(port), REASONER_API_KEY="k3y", P2R_RUN_DIR=str(tmp_path), P2R_SERVE_TIMEOUT_S="180"
+        REASONER_PORT=str(port), REASONER_API_KEY_FILE=str(key), P2R_RUN_DIR=str(tmp_path), P2R_SERVE_TIMEOUT_S="180"
     )
     script = LAUNCH / "start_reasoner_server.sh"
     pidfile, log = tmp_path / "services" / "reasoner.pid", tmp_path / "services" / "reasoner.log"
@@ -388,8 +417,11 @@ def test_service_script_dev_starts_checks_and_stops_p2r_serve(tmp_path, tiny_mod
         from _common import service_problem
 
         assert service_problem("reasoner", env) is None
+        bad = tmp_path / "bad.key"
+        bad.write_text("bad")
+        bad.chmod(0o600)
         assert "refused our API key (REASONER_API_KEY)" in service_problem(
-            "reasoner", {**env, "REASONER_API_KEY": "bad"}
+            "reasoner", {**env, "REASONER_API_KEY_FILE": str(bad)}
         )
         again = run([script, "--dev", tiny_model_dir], env)
         assert again.returncode == 1 and "already running" in again.stderr

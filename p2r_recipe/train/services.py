@@ -38,7 +38,7 @@ def read_key_file(path: str, var: str) -> str:
     file = Path(path)
     try:
         mode = file.stat().st_mode
-        key = file.read_text(encoding="utf-8").strip()
+        key = file.read_text(encoding="utf-8").rstrip("\r\n")  # as the service scripts read it
     except OSError as exc:
         raise ValueError(f"{var}={path}: cannot read the key file ({exc.strerror})") from None
     if mode & 0o077:
