@@ -7,8 +7,9 @@ from pathlib import Path
 
 import lmms_cli
 import pytest
-from servers import free_port
+from servers import ScriptedServer, free_port
 
+from p2r_recipe import prompts
 from p2r_recipe.lmms import envelope
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -16,9 +17,9 @@ TASKS = ("p2r_demo_vstar", "p2r_demo_hrbench_4k", "p2r_demo_hrbench_8k")
 LIMIT = 2  # per task: 6 requests, 3 for each of 2 processes
 
 
-def evaluate(tmp_path: Path, model_dir: Path, processes: int) -> lmms_cli.Outputs:
-    out = tmp_path / f"np{processes}"
-    args = ["--model", "p2r", "--model_args", f"pretrained={model_dir},mode=p2r,max_pixels=65536,max_new_tokens=8",
+def evaluate(tmp_path: Path, model_args: str, processes: int, name: str = "") -> lmms_cli.Outputs:
+    out = tmp_path / f"{name}np{processes}"
+    args = ["--model", "p2r", "--model_args", model_args,
             "--tasks", "p2r_demo", "--limit", str(LIMIT), "--batch_size", "8", "--output_path", str(out), "--log_samples"]  # fmt: skip
     if processes == 1:
         log = lmms_cli.run(*args, cwd=tmp_path)
@@ -51,8 +52,9 @@ def comparable(outputs: lmms_cli.Outputs, task: str) -> tuple[dict, list]:
 
 @pytest.mark.slow
 def test_two_cpu_processes_split_the_work_and_equal_one_process(tmp_path, tiny_model_dir):
-    one = evaluate(tmp_path, tiny_model_dir, 1)
-    two = evaluate(tmp_path, tiny_model_dir, 2)
+    model_args = f"pretrained={tiny_model_dir},mode=p2r,max_pixels=65536,max_new_tokens=8"
+    one = evaluate(tmp_path, model_args, 1)
+    two = evaluate(tmp_path, model_args, 2)
 
     # Each process answered its own half: the work was split, not repeated.
     assert "rank 0 of 2 answers 3 requests" in two.log and "rank 1 of 2 answers 3 requests" in two.log
@@ -68,6 +70,29 @@ def test_two_cpu_processes_split_the_work_and_equal_one_process(tmp_path, tiny_m
     assert len({r[2]["input_tokens"] for task in TASKS for r in comparable(two, task)[1]}) > 1
     group = [{k: v for k, v in run.metrics("p2r_demo").items() if k != "seconds_per_sample"} for run in (one, two)]
     assert group[0] == group[1]
+
+
+def scripted(body: dict) -> str:
+    """Two boxes from the perceiver; the reasoner's letter depends on the question, so scores differ by document."""
+    text = body["messages"][-1]["content"][-1]["text"]
+    if prompts.PERCEIVE_INSTRUCTION in text:
+        return '[{"bbox_2d": [100, 100, 300, 300], "label": "a"}, {"bbox_2d": [600, 600, 700, 650], "label": "b"}]'
+    return f"<answer>{'ABCD'[sum(map(ord, text)) % 4]}</answer>"
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_openai_server_and_score_as_one(tmp_path):
+    with ScriptedServer(scripted) as server:
+        model_args = f"backend=openai,base_url={server.base_url},served_model=scripted,mode=p2r,max_pixels=65536"
+        one = evaluate(tmp_path, model_args, 1, "openai")
+        calls_one = server.calls
+        two = evaluate(tmp_path, model_args, 2, "openai")
+    samples = LIMIT * len(TASKS)
+    assert calls_one == server.calls - calls_one == 2 * samples  # perceive + reason once per sample: no rank repeats one
+    for task in TASKS:
+        assert comparable(two, task) == comparable(one, task)
+    scores = [comparable(one, task)[0]["overall"] for task in TASKS]
+    assert any(score > 0 for score in scores) and any(score < 100 for score in scores)  # right and wrong answers
 
 
 def test_each_vllm_process_takes_its_own_gpus_and_data_parallel_size_must_match_the_processes():
