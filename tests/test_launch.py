@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -535,3 +536,45 @@ def test_two_nodes_of_eight_gpus_dry_run_is_accepted_by_openrlhf(tmp_path):
     assert (args["ref"]["num_nodes"], args["ref"]["num_gpus_per_node"]) == (2, 8)
     assert (args["vllm"]["num_engines"], args["vllm"]["tensor_parallel_size"]) == (16, 1)
     assert args["train"]["colocate_all"] and args["train"]["batch_size"] == 64 * 8
+
+
+RAY_HEAD = """
+import sys, time, ray
+ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]), num_cpus=1,
+         _temp_dir=sys.argv[2])
+print("READY", flush=True)
+time.sleep(600)
+"""
+# Stands in for OpenRLHF after `--`: a driver whose Ray worker reports what the runtime env gave it.
+RAY_PROBE = """
+import os, ray
+ray.init()
+probe = ray.remote(lambda: " ".join(os.environ[k] for k in ("P2R_ROLE", "REASONER_API_KEY", "P2R_TIMEOUT_S")))
+print("WORKER", ray.get(probe.remote()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_job_gets_its_variables_and_keys_from_the_mode_600_file(tmp_path):
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="p2r-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(port), temp], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        lines = []
+        while not lines or lines[-1] not in ("READY\n", ""):  # Ray logs a few lines first; "" is an early exit
+            lines.append(head.stdout.readline())
+        assert lines[-1] == "READY\n", "".join(lines)
+        config = dataclasses.replace(load_config(CONFIGS / "perceiver_4b.yaml"), output_dir=str(tmp_path / "out"))
+        env = {"REASONER_API_KEY": "s3cret", "P2R_TIMEOUT_S": "60", "RAY_ADDRESS": f"http://127.0.0.1:{port}"}
+        command = build_command(config, env=env)
+        command.write_files()
+        submit = command.argv[: command.argv.index("--") + 1]
+        assert "s3cret" not in " ".join(submit)
+        out = run([*submit, sys.executable, "-c", RAY_PROBE], clean_env(), timeout=240)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "WORKER perceiver s3cret 60" in out.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
