@@ -54,7 +54,11 @@ def comparable(outputs: lmms_cli.Outputs, task: str) -> tuple[dict, list]:
 def test_two_cpu_processes_split_the_work_and_equal_one_process(tmp_path, tiny_model_dir):
     model_args = f"pretrained={tiny_model_dir},mode=p2r,max_pixels=65536,max_new_tokens=8"
     one = evaluate(tmp_path, model_args, 1)
-    two = evaluate(tmp_path, model_args, 2)
+    two = evaluate(tmp_path, f"{model_args},record_cache={tmp_path / 'journal.jsonl'}", 2)
+    # One journal per rank, each with that rank's finished samples.
+    journals = sorted(path.name for path in tmp_path.glob("journal.jsonl*"))
+    assert journals == ["journal.jsonl.rank0of2", "journal.jsonl.rank1of2"]
+    assert [len((tmp_path / name).read_text().splitlines()) for name in journals] == [3, 3]
 
     # Each process answered its own half: the work was split, not repeated.
     assert "rank 0 of 2 answers 3 requests" in two.log and "rank 1 of 2 answers 3 requests" in two.log

@@ -53,6 +53,18 @@ ANSWER_FORM_KEY = "p2r_answer_form"
 _OPTION = re.compile(r"^\s*\(?([A-F])(?:\)|\.|\s)", re.MULTILINE)
 
 
+def placement(accelerator: Accelerator) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process, as lmms-eval splits the requests.
+
+    torch.distributed's view wins: on a machine without GPUs `accelerate launch --multi_gpu`
+    starts the processes and a gloo group, yet its Accelerator reports one process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
+    return accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
+
+
 def gpu_slice(local_rank: int, per_process: int, visible: str | None) -> str:
     """The CUDA_VISIBLE_DEVICES of one process's vLLM engine: its own `per_process` GPUs of those visible."""
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
@@ -119,10 +131,10 @@ class P2R(lmms):
         self.perceive_max_new_tokens = int(perceive_max_new_tokens or min(1024, self.max_new_tokens))
         if not str(batch_size).isdigit():
             raise ValueError(f"p2r: batch_size must be a positive integer, got {batch_size!r}")
-        # lmms-eval splits the requests by these; under `accelerate launch` each process has its own.
         self.accelerator = Accelerator()
-        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        self._device = self.accelerator.device
+        self._rank, self._world_size, self._local_rank = placement(self.accelerator)
+        on_gpu = self._world_size > 1 and torch.cuda.is_available()
+        self._device = torch.device(f"cuda:{self._local_rank}") if on_gpu else self.accelerator.device
         if backend == "openai":
             model = served_model or pretrained
             if not (base_url and model):
@@ -131,7 +143,7 @@ class P2R(lmms):
         elif pretrained is None:
             raise ValueError("p2r: pretrained is required (a hub id, a local directory, or p2r-tiny)")
         elif backend == "hf":
-            if device == "auto" and self._world_size > 1:
+            if device in ("auto", "cuda") and self._world_size > 1:
                 device = str(self._device)  # cuda:{local_rank}, or cpu under accelerate's CPU path
             engine_kwargs.update(pretrained=pretrained, device=device, dtype=dtype, batch_size=int(batch_size))
         else:
@@ -169,7 +181,7 @@ class P2R(lmms):
             # vLLM's engine runs in a process it spawns, which reads this variable when it starts.
             per_process = int(engine_kwargs.get("tensor_parallel_size", 1))
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slice(self.accelerator.local_process_index, per_process, visible)
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu_slice(self._local_rank, per_process, visible)
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         if self._world_size > 1:
