@@ -19,13 +19,14 @@ An "item" is the per-sample dict a task's process_results hands to the aggregati
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from PIL import Image
 
-from .images import load_image
+from .images import decode_image, load_image
 from .pipeline import Sample
 from .scoring import extract_choice, score_answer
 
@@ -51,24 +52,31 @@ def _base64_source(text: str) -> str:
     return "data:;base64," + text
 
 
+# The release's V* rule (vstar.py): the instruction at the end removed, then the rest stripped.
+_VSTAR_INSTRUCTION = re.compile(r"\s*Answer with the option'?s letter from the given choices directly\.?\s*$")
+
+
 def _vstar_question(doc: dict) -> str:
-    text = doc["text"].rstrip()
-    if text.endswith(VSTAR_SUFFIX):
-        text = text[: -len(VSTAR_SUFFIX)].rstrip()
-    return text
+    return _VSTAR_INSTRUCTION.sub("", doc["text"]).strip()
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _blank(value: Any) -> bool:
+    """An HR-Bench option the release leaves out: None or blank text. NaN too, which the release
+    would print as "nan" (hub rows have None there, so it never happens on the real data)."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def _with_options(question: str, options: list[str]) -> str:
+    """The question, then "\nOptions:\n" and one option per line; no header when there are no options."""
+    return question + "\nOptions:\n" + "\n".join(options) if options else question
 
 
 def _hrbench_question(doc: dict) -> str:
-    options = [f"{letter}. {doc[letter]}" for letter in "ABCD" if not _missing(doc.get(letter))]
-    return doc["question"] + "\nOptions:\n" + "\n".join(options)
+    return _with_options(doc["question"], [f"{letter}. {doc[letter]}" for letter in "ABCD" if not _blank(doc.get(letter))])
 
 
 def _mme_question(doc: dict) -> str:
-    return doc["question"] + "\nOptions:\n" + "\n".join(doc["multi-choice options"])
+    return _with_options(doc["question"], list(doc["multi-choice options"] if doc["multi-choice options"] is not None else []))
 
 
 def _mme_category(doc: dict) -> str:
@@ -104,9 +112,12 @@ class Benchmark:
     letters: str = "ABCD"
     answer_form: str = "mca"
 
-    def images(self, doc: dict) -> list[Image.Image]:
-        """The doc's images as upright RGB; raises ImageError for a corrupt one."""
-        return [load_image(source) for source in self.image_sources(doc)]
+    def images(self, doc: dict, image_mode: str | None = "release") -> list[Image.Image]:
+        """The doc's images as RGB by the rule of `image_mode` (images.IMAGE_MODES), or with None decoded
+        as stored (the mode is then the caller's choice); raises ImageError for a corrupt one."""
+        if image_mode is None:
+            return [decode_image(source) for source in self.image_sources(doc)]
+        return [load_image(source, image_mode) for source in self.image_sources(doc)]
 
     def sample(self, doc: dict) -> Sample:
         """The doc as a pipeline Sample (images stay undecoded until the pipeline loads them)."""

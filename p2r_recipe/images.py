@@ -118,8 +118,18 @@ def _in_parts(image: Image.Image, size: tuple[int, int], rows: bool) -> Image.Im
     return out
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB: applies EXIF rotation, flattens transparency on white, converts CMYK/16-bit/palette."""
+# How a decoded image becomes RGB: `release` is the P2R release's plain `convert("RGB")` (no
+# EXIF rotation; transparency dropped, the colour stored under it kept), `robust` makes odd
+# inputs usable (EXIF rotation, transparency flattened on white, 16-bit scaled to 8 bits).
+IMAGE_MODES = ("release", "robust")
+
+
+def to_rgb(image: Image.Image, image_mode: str = "robust") -> Image.Image:
+    """An RGB image by the rule of `image_mode` (see IMAGE_MODES)."""
+    if image_mode == "release":
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if image_mode != "robust":
+        raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
@@ -136,30 +146,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: Any) -> Image.Image:
-    """Open a path, bytes, data URL or PIL image as an upright RGB image, or raise ImageError with the reason."""
+def decode_image(source: Any) -> Image.Image:
+    """Open a path, bytes, data URL or PIL image as decoded pixels in their stored mode (first frame
+    of an animation), or raise ImageError with the reason: limits, bombs and truncation are checked here."""
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        data = _read_bytes(source)
-        if not data:
-            raise ImageError("empty image file")
-        try:
-            with warnings.catch_warnings(), _strict_decoding():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                _check_size(image.width, image.height)
-                image.seek(0)  # first frame of an animation
-                image.load()
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"image too large: {exc}") from None
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise ImageError(f"unreadable image: {type(exc).__name__}: {exc}") from None
-    _check_size(image.width, image.height)
+        _check_size(source.width, source.height)
+        return source
+    data = _read_bytes(source)
+    if not data:
+        raise ImageError("empty image file")
     try:
-        return to_rgb(image)
+        with warnings.catch_warnings(), _strict_decoding():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_size(image.width, image.height)
+            image.seek(0)  # first frame of an animation
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageError(f"unreadable image: {type(exc).__name__}: {exc}") from None
+    _check_size(image.width, image.height)
+    return image
+
+
+def load_image(source: Any, image_mode: str = "robust") -> Image.Image:
+    """`decode_image`, then RGB by the rule of `image_mode`; any failure is an ImageError with the reason."""
+    image = decode_image(source)
+    if image_mode not in IMAGE_MODES:
+        raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+    try:
+        return to_rgb(image, image_mode)
     except Exception as exc:
         raise ImageError(f"unsupported image mode {image.mode}: {exc}") from None
 

@@ -8,7 +8,7 @@ the same code; a bad sample becomes a record with `error` set and never stops th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -16,8 +16,20 @@ from PIL import Image
 from . import prompts
 from .engines.base import Engine, GenParams, Generation
 from .evidence import Evidence, gather_evidence
-from .images import ImageError, PixelBudget, load_image
+from .images import IMAGE_MODES, ImageError, PixelBudget, load_image
 from .scoring import answer_text, extract_choice
+
+
+# The release's evaluation decoding (evaluation/batch_inference_vllm.py): max_tokens per pass
+# (MAX_TOKENS), and one SamplingParams for every pass: temperature 0, top_p 1 (run_eval_batch.sh),
+# repetition_penalty 1.05; top_k and stop unset (vLLM: off, none).
+RELEASE_MAX_NEW_TOKENS = {"default": 16, "thinking": 1024, "p2r": 1024, "perceive": 256}
+RELEASE_DECODING = GenParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.05, stop=())
+
+
+def release_params(pass_name: str) -> GenParams:
+    """The release's decoding for a pass: a mode's answering pass (`default`, `thinking`, `p2r`) or `perceive`."""
+    return replace(RELEASE_DECODING, max_new_tokens=RELEASE_MAX_NEW_TOKENS[pass_name])
 
 
 @dataclass
@@ -57,7 +69,12 @@ class Record:
 
 
 class Pipeline:
-    """Runs one mode over batches of samples with one engine."""
+    """Runs one mode over batches of samples with one engine.
+
+    `params` decode the answering pass (default: the release's for `mode`); `perceive_params` the
+    perceive pass (default: `params` with at most the release's 256 tokens). `image_mode` turns
+    inputs into RGB (images.IMAGE_MODES; default the release's plain conversion).
+    """
 
     def __init__(
         self,
@@ -66,12 +83,17 @@ class Pipeline:
         params: GenParams | None = None,
         perceive_params: GenParams | None = None,
         budget: PixelBudget | None = None,
+        image_mode: str = "release",
     ):
         if mode not in prompts.MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {prompts.MODES}")
-        self.engine, self.mode = engine, mode
-        self.params = params or GenParams()
-        self.perceive_params = perceive_params or self.params
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {IMAGE_MODES}")
+        self.engine, self.mode, self.image_mode = engine, mode, image_mode
+        self.params = params or release_params(mode)
+        self.perceive_params = perceive_params or replace(
+            self.params, max_new_tokens=min(RELEASE_MAX_NEW_TOKENS["perceive"], self.params.max_new_tokens)
+        )
         self.budget = budget or PixelBudget()
 
     def run(self, samples: list[Sample]) -> list[Record]:
@@ -106,7 +128,7 @@ class Pipeline:
             try:
                 if not sample.images:
                     raise ImageError("sample has no image")
-                images[i] = [load_image(im) for im in sample.images]
+                images[i] = [load_image(im, self.image_mode) for im in sample.images]
             except ImageError as exc:
                 records[i].error = f"image: {exc}"
         return images

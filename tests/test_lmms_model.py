@@ -102,10 +102,41 @@ def test_arguments_are_checked_before_any_model_is_loaded():
         model("http://127.0.0.1:9").loglikelihood([])
 
 
-def test_token_budgets():
-    assert model("http://127.0.0.1:9").perceive_max_new_tokens == 1024  # of max_new_tokens 2048
-    assert model("http://127.0.0.1:9", max_new_tokens=64).perceive_max_new_tokens == 64
-    assert model("http://127.0.0.1:9", max_new_tokens=64, perceive_max_new_tokens=16).perceive_max_new_tokens == 16
+# The release's evaluation decoding, transcribed from ../shared/p2r_release_addendum.md section 1
+# (evaluation/batch_inference_vllm.py MAX_TOKENS and SamplingParams, run_eval_batch.sh), not from our code:
+# mode -> {pass: (max_tokens, temperature, top_p, top_k, repetition_penalty, stop)}; top_k 0 = off.
+RELEASE = {
+    "default": {"answer": (16, 0.0, 1.0, 0, 1.05, ())},
+    "thinking": {"answer": (1024, 0.0, 1.0, 0, 1.05, ())},
+    "p2r": {"perceive": (256, 0.0, 1.0, 0, 1.05, ()), "answer": (1024, 0.0, 1.0, 0, 1.05, ())},
+}
+
+
+def settings(params) -> tuple:
+    return (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.stop)
+
+
+@pytest.mark.parametrize("mode", RELEASE)
+def test_default_decoding_is_the_releases(mode):
+    lm = model("http://127.0.0.1:9", mode=mode)
+    assert settings(lm.params) == RELEASE[mode]["answer"]
+    if mode == "p2r":
+        assert settings(lm.perceive_params) == RELEASE[mode]["perceive"]
+    assert lm.image_mode == "release" and lm.params.min_new_tokens == 0 and lm.params.seed is None
+
+
+def test_decoding_model_args():
+    lm = model("http://127.0.0.1:9", max_new_tokens=64)
+    assert (lm.params.max_new_tokens, lm.perceive_params.max_new_tokens) == (64, 64)  # a smaller cap covers both
+    lm = model("http://127.0.0.1:9", max_new_tokens=64, perceive_max_new_tokens=16)
+    assert (lm.params.max_new_tokens, lm.perceive_params.max_new_tokens) == (64, 16)
+    lm = model("http://127.0.0.1:9", max_new_tokens=4096)
+    assert (lm.params.max_new_tokens, lm.perceive_params.max_new_tokens) == (4096, 256)
+    # As lmms-eval's model_args parser hands them over: numbers parsed, strings as written.
+    lm = model("http://127.0.0.1:9", temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1, stop="</answer>|Question:")
+    assert settings(lm.params)[1:] == settings(lm.perceive_params)[1:] == (0.7, 0.9, 20, 1.0, ("</answer>", "Question:"))
+    with pytest.raises(ValueError, match="unknown image_mode 'raw'"):
+        model("http://127.0.0.1:9", image_mode="raw")
 
 
 @pytest.mark.parametrize(

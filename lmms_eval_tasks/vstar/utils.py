@@ -5,3 +5,4 @@ from p2r_recipe.lmms import tasks
 
 mean_known, total, group_mean, group_total = tasks.mean_known, tasks.total, tasks.group_mean, tasks.group_total
 doc_to_visual, doc_to_text, process_results = tasks.bind(VSTAR)
+process_docs = tasks.undecoded_images

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from ..images import PixelBudget
 from ..prompts import Prompt
@@ -61,6 +68,32 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
+class PromptRepetitionPenalty(LogitsProcessor):
+    """vLLM's repetition penalty: every token of the prompt and of the output so far, each once,
+    has its logit divided by `penalty` (multiplied when negative). transformers' own processor
+    would also penalise the left padding of shorter prompts, so a row's output would depend on
+    its batch; here pad positions count as the prompt's last token instead (already penalised)."""
+
+    def __init__(self, penalty: float, attention_mask: torch.Tensor):
+        self.penalty = penalty
+        self.pads = attention_mask == 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        prompt_length = self.pads.shape[1]
+        ids = input_ids.clone()
+        last = input_ids[:, prompt_length - 1 : prompt_length].expand(-1, prompt_length)
+        ids[:, :prompt_length] = torch.where(self.pads.to(ids.device), last, input_ids[:, :prompt_length])
+        picked = torch.gather(scores, 1, ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, ids, picked)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop string (vLLM and OpenAI leave the stop string out), and whether one occurred."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 @dataclass
 class _Staged:
     """A batch's CPU-side work, done ahead: chat-templated texts and images (RGB arrays when they go to the GPU)."""
@@ -102,7 +135,8 @@ class HFEngine:
         self.images_on_device = on_gpu if images_on_device is None else images_on_device
         self.prefetch, self.cache_step = prefetch, cache_step
         self.batch_size = batch_size
-        self.processor = AutoProcessor.from_pretrained(path, size=processor_size(budget or PixelBudget()))
+        defaults = AutoImageProcessor.from_pretrained(path).size
+        self.processor = AutoProcessor.from_pretrained(path, size=processor_size(budget or PixelBudget(), defaults))
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -180,13 +214,21 @@ class HFEngine:
         length = -(-(prompt_length + params.max_new_tokens) // self.cache_step) * self.cache_step
         return {"cache_implementation": "static", "max_cache_len": length, "disable_compile": not self.compile}
 
+    def decoding(self, params: GenParams, attention_mask: torch.Tensor) -> dict:
+        """generate() arguments that decode as vLLM's SamplingParams do: greedy at temperature 0, else plain
+        sampling with `top_p`/`top_k` (0 = off); the checkpoint's own generation_config never adds to them."""
+        kwargs: dict = {"do_sample": False, "repetition_penalty": 1.0, "logits_processor": LogitsProcessorList()}
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.repetition_penalty != 1.0:
+            kwargs["logits_processor"].append(PromptRepetitionPenalty(params.repetition_penalty, attention_mask))
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.processor.tokenizer)
+        return kwargs
+
     @torch.inference_mode()
     def _generate(self, inputs: BatchFeature, params: GenParams, seed: int | None) -> list[Generation]:
         sampling = params.temperature > 0
-        # Plain temperature sampling (no top-k/top-p from the checkpoint's config), as vLLM's SamplingParams does.
-        mode = {"do_sample": False}
-        if sampling:
-            mode = {"do_sample": True, "temperature": params.temperature, "top_p": 1.0, "top_k": 0}
         with _seeded(seed, self.model.device) if sampling and seed is not None else nullcontext():
             sequences = self.model.generate(
                 **inputs,
@@ -195,7 +237,7 @@ class HFEngine:
                 eos_token_id=self.eos_ids.tolist(),
                 pad_token_id=self.processor.tokenizer.pad_token_id,
                 **self._cache(inputs["input_ids"].shape[1], params),
-                **mode,
+                **self.decoding(params, inputs["attention_mask"]),
             )
         new = sequences[:, inputs["input_ids"].shape[1] :].cpu()
         lengths, stopped = stop_lengths(new, self.eos_ids)
@@ -203,7 +245,9 @@ class HFEngine:
             [row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True
         )
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [
-            Generation(text, n_in, n_out, extra={"finish_reason": "stop" if stop else "length"})
-            for text, n_in, n_out, stop in zip(texts, prompt_tokens, lengths, stopped)
-        ]
+        generations = []
+        for text, n_in, n_out, stop in zip(texts, prompt_tokens, lengths, stopped):
+            text, at_stop_string = cut_at_stop(text, params.stop)
+            finish = "stop" if stop or at_stop_string else "length"
+            generations.append(Generation(text, n_in, n_out, extra={"finish_reason": finish}))
+        return generations

@@ -290,9 +290,40 @@ async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
             task.cancel()
 
 
-def image_part(image: Image.Image, quality: int = 95) -> dict:
-    """An OpenAI chat content part carrying the image as a JPEG data URL."""
-    return {"type": "image_url", "image_url": {"url": data_url(image, quality=quality)}}
+def image_part(image: Image.Image, quality: int = 95, fmt: str = "JPEG") -> dict:
+    """An OpenAI chat content part carrying the image as a data URL (JPEG of `quality` unless `fmt` says PNG)."""
+    return {"type": "image_url", "image_url": {"url": data_url(image, fmt, quality=quality)}}
+
+
+# Sampling fields that are vLLM extensions of the OpenAI API (each sent only when it is not off),
+# and the `p2r` model arg that turns each off.
+_MODEL_ARG = {"top_k": "top_k=0", "repetition_penalty": "repetition_penalty=1.0", "min_tokens": "GenParams.min_new_tokens=0"}
+_EXTENSIONS = tuple(_MODEL_ARG)
+
+
+def request_params(params: GenParams) -> dict[str, Any]:
+    """The request-body fields for `params`: the OpenAI ones always (max_tokens, temperature,
+    top_p), `stop` and `seed` when set, vLLM's extensions (top_k, repetition_penalty, min_tokens)
+    when not off, so a strict OpenAI server sees them only when they change the reply."""
+    body: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.top_k > 0:
+        body["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        body["repetition_penalty"] = params.repetition_penalty
+    if params.min_new_tokens:
+        body["min_tokens"] = params.min_new_tokens
+    return body
+
+
+def unsupported_field(exc: RequestRejected, body: dict) -> str | None:
+    """The vLLM extension field a 400/422 complains about, if its message names one we sent."""
+    if exc.status not in (400, 422):
+        return None
+    return next((name for name in _EXTENSIONS if name in body and name in str(exc)), None)
 
 
 class OpenAIEngine:
@@ -318,12 +349,16 @@ class OpenAIEngine:
         retries: int = 5,
         budget: PixelBudget | None = None,
         backoff_s: float = 0.5,
+        image_format: str = "jpeg",
     ):
+        if image_format.upper() not in ("JPEG", "PNG"):
+            raise ValueError(f"image_format must be jpeg or png, got {image_format!r}")
         self.client = ChatClient(
             base_url, model, api_key, name=model, concurrency=concurrency,
             timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
         )  # fmt: skip
         self.budget = budget
+        self.image_format = image_format.upper()
 
     def generate(self, prompts: list[Prompt], params: GenParams) -> list[Generation]:
         return run_sync(self.agenerate(prompts, params))
@@ -346,16 +381,21 @@ class OpenAIEngine:
     async def _one(self, prompt: Prompt, params: GenParams) -> Generation:
         # A no-op for images the pipeline already fitted.
         images = prompt.images if self.budget is None else self.budget.fit(prompt.images)
-        body: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
-        if params.min_new_tokens:
-            body["min_tokens"] = params.min_new_tokens  # a vLLM extension; p2r-serve accepts it too
-        if params.seed is not None:
-            body["seed"] = params.seed
+        body = request_params(params)
         # Encoding runs in a thread (PIL releases the GIL) so large images do not stall other requests.
-        parts = await asyncio.to_thread(lambda: [image_part(im) for im in images])
+        parts = await asyncio.to_thread(lambda: [image_part(im, fmt=self.image_format) for im in images])
         try:
             reply = await self.client.chat(prompt.messages(parts), **body)
         except RequestRejected as exc:
+            field = unsupported_field(exc, body)
+            if field is not None:
+                # Every request carries it, so every sample would fail alike: a setup error, not a bad sample.
+                raise RequestRejected(
+                    f"{exc}\n{self.client.name} at {self.client.base_url} does not accept `{field}` "
+                    f"(a vLLM extension of the OpenAI API, sent because it is not off): serve with vLLM or "
+                    f"p2r-serve, or turn it off ({_MODEL_ARG[field]})",
+                    exc.status,
+                ) from None
             if exc.status in _SETUP_STATUS:
                 raise
             return Generation(error=str(exc))

@@ -11,6 +11,20 @@ from .base import Generation, GenParams
 from .local import isolate_failures, processor_size
 
 
+def sampling_kwargs(params: GenParams) -> dict[str, Any]:
+    """vLLM SamplingParams arguments for every GenParams field (vLLM spells "top_k off" -1, not 0)."""
+    return {
+        "max_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "min_tokens": params.min_new_tokens,
+        "seed": params.seed,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "repetition_penalty": params.repetition_penalty,
+        "stop": list(params.stop),
+    }
+
+
 class VLLMEngine:
     """A Qwen-VL checkpoint served by `vllm.LLM`; all prompts go to one batched `chat` call."""
 
@@ -25,14 +39,18 @@ class VLLMEngine:
                 "the vllm backend needs vLLM, which runs on a CUDA GPU: pip install 'p2r-recipe[vllm]' "
                 "(or use the hf or openai backend)"
             ) from exc
+        from transformers import AutoImageProcessor
+
         from ..tiny import resolve_pretrained
 
         self._sampling_params = SamplingParams
+        path = resolve_pretrained(pretrained)
+        size = processor_size(budget or PixelBudget(), AutoImageProcessor.from_pretrained(path).size)
         self.llm = LLM(
-            model=resolve_pretrained(pretrained),
+            model=path,
             # The reason pass sends the annotated image plus up to three crops.
             limit_mm_per_prompt={"image": 1 + MAX_CROPS},
-            mm_processor_kwargs={"size": processor_size(budget or PixelBudget())},
+            mm_processor_kwargs={"size": size},
             **llm_kwargs,
         )
 
@@ -40,12 +58,7 @@ class VLLMEngine:
         """One Generation per prompt, in order; a failing prompt gets an error."""
         if not prompts:
             return []
-        sampling = self._sampling_params(
-            temperature=params.temperature,
-            max_tokens=params.max_new_tokens,
-            min_tokens=params.min_new_tokens,
-            seed=params.seed,
-        )
+        sampling = self._sampling_params(**sampling_kwargs(params))
 
         def run(batch: list[Prompt]) -> list[Generation]:
             conversations = [p.messages([{"type": "image_pil", "image_pil": im} for im in p.images]) for p in batch]

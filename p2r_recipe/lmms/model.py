@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
@@ -39,11 +40,10 @@ from loguru import logger
 from tqdm import tqdm
 
 from ..engines import make_engine
-from ..engines.base import GenParams
-from ..engines.openai import ServiceUnavailable
-from ..images import PixelBudget
+from ..engines.openai import RequestRejected, ServiceUnavailable
+from ..images import IMAGE_MODES, PixelBudget
 from ..journal import Journal
-from ..pipeline import Pipeline, Record, Sample
+from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline, Record, Sample
 from ..prompts import MODES
 from ..tiny import is_tiny_model
 from . import envelope
@@ -88,12 +88,16 @@ def guess_answer_form(question: str) -> tuple[str, str]:
 class P2R(lmms):
     """One VLM in default, thinking or p2r mode, on the hf, vllm or openai backend.
 
-    Token budgets are model args, not the task's (P2R's prompts decide the answer format):
-    `max_new_tokens` for the answering pass, `perceive_max_new_tokens` for the boxes. Extra
-    model args go to the backend's engine as they are (e.g. `tensor_parallel_size` for
-    vllm, `timeout_s` for openai), except vllm's `data_parallel_size`: the number of
-    processes (see the module docstring). `batch_size` (lmms-eval's `--batch_size`) is the hf
-    batch; vllm and openai keep `concurrency` samples in flight, per process.
+    Decoding is the model's, never the task's: by default the release's settings
+    (pipeline.RELEASE_DECODING and RELEASE_MAX_NEW_TOKENS). `max_new_tokens` is the answering
+    pass's budget (default 16 / 1024 / 1024 for default / thinking / p2r); the perceive pass gets
+    `perceive_max_new_tokens` (default 256, at most `max_new_tokens` when that is given).
+    `temperature`, `top_p`, `top_k` (0 = off), `repetition_penalty` (1.0 = off) and `stop`
+    (strings separated by "|") apply to every pass. `image_mode` (release | robust) turns inputs
+    into RGB. Extra model args go to the backend's engine as they are (e.g.
+    `tensor_parallel_size` for vllm, `timeout_s` for openai), except vllm's `data_parallel_size`:
+    the number of processes (see the module docstring). `batch_size` (lmms-eval's `--batch_size`)
+    is the hf batch; vllm and openai keep `concurrency` samples in flight, per process.
     """
 
     is_simple = True
@@ -109,8 +113,14 @@ class P2R(lmms):
         max_pixels: int = 4096 * 32 * 32,
         min_pixels: int = 16 * 32 * 32,
         crop_max_pixels: int | None = None,
-        max_new_tokens: int = 2048,
+        max_new_tokens: int | None = None,
         perceive_max_new_tokens: int | None = None,
+        temperature: float = RELEASE_DECODING.temperature,
+        top_p: float = RELEASE_DECODING.top_p,
+        top_k: int = RELEASE_DECODING.top_k,
+        repetition_penalty: float = RELEASE_DECODING.repetition_penalty,
+        stop: str = "",
+        image_mode: str = "release",
         batch_size: int | str = 1,
         device: str = "auto",
         dtype: str = "auto",
@@ -122,13 +132,24 @@ class P2R(lmms):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"p2r: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        self.mode = mode
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"p2r: unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+        self.mode, self.image_mode = mode, image_mode
         self.budget = PixelBudget(
             max_pixels=int(max_pixels), min_pixels=int(min_pixels), crop_max_pixels=int(crop_max_pixels or max_pixels)
         )
-        self.max_new_tokens = int(max_new_tokens)
-        # Boxes need far fewer tokens than reasoning: 1024 (the perceiver's training budget), never above max_new_tokens.
-        self.perceive_max_new_tokens = int(perceive_max_new_tokens or min(1024, self.max_new_tokens))
+        sampling = replace(
+            RELEASE_DECODING,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            repetition_penalty=float(repetition_penalty),
+            stop=tuple(s for s in str(stop or "").split("|") if s),
+        )
+        answer_tokens = int(max_new_tokens or RELEASE_MAX_NEW_TOKENS[mode])
+        perceive_tokens = perceive_max_new_tokens or min(RELEASE_MAX_NEW_TOKENS["perceive"], answer_tokens)
+        self.params = replace(sampling, max_new_tokens=answer_tokens)
+        self.perceive_params = replace(sampling, max_new_tokens=int(perceive_tokens))
         if not str(batch_size).isdigit():
             raise ValueError(f"p2r: batch_size must be a positive integer, got {batch_size!r}")
         self.accelerator = Accelerator()
@@ -158,7 +179,7 @@ class P2R(lmms):
         self.journal = Journal(record_cache) if record_cache else None
         # What makes a cached record valid for this run: the model and every setting that changes its answer.
         self._identity = [served_model or pretrained, mode, self.budget.max_pixels, self.budget.min_pixels,
-                          self.budget.crop_max_pixels, self.max_new_tokens, self.perceive_max_new_tokens]
+                          self.budget.crop_max_pixels, image_mode, repr(self.params), repr(self.perceive_params)]
 
     @property
     def device(self) -> torch.device:
@@ -195,7 +216,7 @@ class P2R(lmms):
             for chunk in collator.get_batched(n=self.chunk_size):
                 try:
                     answered = self._answer(chunk)
-                except ServiceUnavailable as exc:
+                except (ServiceUnavailable, RequestRejected) as exc:
                     kept = "not kept (set record_cache=PATH to keep them)"
                     if self.journal is not None:
                         kept = f"kept in {self.journal.path}: run again to resume"
@@ -226,13 +247,13 @@ class P2R(lmms):
     def _answer(self, chunk: list[tuple]) -> list[tuple[Record, GenerationResult]]:
         """Records and replies of one batch of request args (all with the same generation kwargs)."""
         gen_kwargs = chunk[0][1]
-        temperature = float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample", True) else 0.0
         pipeline = Pipeline(
             self.engine,
             self.mode,
-            params=GenParams(max_new_tokens=self.max_new_tokens, temperature=temperature),
-            perceive_params=GenParams(max_new_tokens=self.perceive_max_new_tokens, temperature=temperature),
+            params=self.params,
+            perceive_params=self.perceive_params,
             budget=self.budget,
+            image_mode=self.image_mode,
         )
         ours = ANSWER_FORM_KEY in gen_kwargs
         samples: list[Sample] = []
@@ -240,7 +261,7 @@ class P2R(lmms):
         keys: list[str] = []
         for i, (context, _, doc_to_visual, doc_id, task, split) in enumerate(chunk):
             sample_id = f"{task}/{doc_id}"
-            keys.append(self._key(context, doc_id, task, split, temperature))
+            keys.append(self._key(context, doc_id, task, split))
             if self.journal is not None and keys[-1] in self.journal:
                 known[i] = Record(**self.journal.get(keys[-1]))
                 continue
@@ -249,7 +270,9 @@ class P2R(lmms):
             except Exception as exc:  # any bad doc stays a per-sample error
                 known[i] = Record(id=sample_id, mode=self.mode, error=f"image: {type(exc).__name__}: {exc}")
                 continue
-            question = context.replace("<image>", "").strip()
+            # Our tasks' text is the dataset's question, kept byte for byte as the release does;
+            # another task's prompt loses its <image> tokens and the whitespace around them.
+            question = context if ours else context.replace("<image>", "").strip()
             form, letters = guess_answer_form(question)
             form = gen_kwargs.get(ANSWER_FORM_KEY, form)
             samples.append(Sample(sample_id, question, list(images or []), answer_form=form, letters=letters))
@@ -261,8 +284,8 @@ class P2R(lmms):
                     self.journal.add(key, record.to_dict(), id=record.id)
         return [(record, self._reply(record, ours)) for record in answered]
 
-    def _key(self, context: str, doc_id, task: str, split: str, temperature: float) -> str:
-        return hashlib.sha256(json.dumps([*self._identity, temperature, task, split, doc_id, context]).encode()).hexdigest()
+    def _key(self, context: str, doc_id, task: str, split: str) -> str:
+        return hashlib.sha256(json.dumps([*self._identity, task, split, doc_id, context]).encode()).hexdigest()
 
     @staticmethod
     def _reply(record: Record, ours: bool) -> GenerationResult:

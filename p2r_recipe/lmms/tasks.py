@@ -53,8 +53,20 @@ def read_reply(text: str) -> Reply:
 
 
 def doc_to_visual(benchmark: Benchmark, doc: dict) -> list[Image.Image]:
-    """The doc's images; a corrupt one raises ImageError, which the `p2r` model turns into a per-sample error."""
-    return benchmark.images(doc)
+    """The doc's images decoded as stored (their PIL mode, no EXIF rotation): the `p2r` model converts
+    them by its `image_mode`. A corrupt one raises ImageError, which the model makes a per-sample error."""
+    return benchmark.images(doc, image_mode=None)
+
+
+def undecoded_images(dataset):
+    """`process_docs` for a dataset with an Image column: keep its stored bytes. `datasets` would
+    otherwise decode it and apply the EXIF rotation, which the release never does (it reads bytes)."""
+    from datasets import Image as ImageFeature
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, ImageFeature)]
+    for name in columns:
+        dataset = dataset.cast_column(name, ImageFeature(decode=False))
+    return dataset
 
 
 def doc_to_text(benchmark: Benchmark, doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
