@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from p2r_recipe import prompts
 from p2r_recipe.engines.base import GenParams
-from p2r_recipe.engines.hf import HFEngine, stop_lengths
-from p2r_recipe.images import PixelBudget, fit_to_budget
+from p2r_recipe.engines.hf import HFEngine, PromptRepetitionPenalty, stop_lengths
+from p2r_recipe.images import PixelBudget, fit_to_budget, smart_resize
 from p2r_recipe.prompts import Prompt
 
 BUDGET = PixelBudget(max_pixels=256 * 32 * 32, crop_max_pixels=64 * 32 * 32)
@@ -55,11 +55,21 @@ def with_crops(seed: int) -> Prompt:
     return Prompt(prompts.reason_text("Which square is largest?", "mca", True), fitted([full, *crops]))
 
 
+# The release's vLLM kept the Qwen3-VL processor's own pixel range (addendum section 2, "derived"):
+# images that qwen-vl-utils fitted below 65,536 pixels were enlarged again by the processor.
+PROCESSOR_FLOOR = 65_536
+
+
+def seen(image: Image.Image) -> tuple[int, int]:
+    """(height, width) the model sees: the fitted image, enlarged to the processor's floor when below it."""
+    return smart_resize(image.height, image.width, 32, PROCESSOR_FLOOR, 1 << 30)
+
+
 def prompt_tokens(engine: HFEngine, prompt: Prompt) -> int:
-    """Chat-template tokens with each image placeholder expanded to one token per 32x32 pixels."""
+    """Chat-template tokens with each image placeholder expanded to one token per 32x32 pixels seen."""
     text = engine.processor.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
     placeholders = len(engine.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return placeholders - len(prompt.images) + sum(im.width * im.height for im in prompt.images) // (32 * 32)
+    return placeholders - len(prompt.images) + sum(h * w for h, w in map(seen, prompt.images)) // (32 * 32)
 
 
 def truncated_png() -> Image.Image:
@@ -81,13 +91,15 @@ def test_mixed_batch_gives_one_generation_per_prompt(engine: HFEngine) -> None:
     assert engine.generate([], SHORT) == []
 
 
-def test_processor_keeps_the_fitted_sizes(engine: HFEngine) -> None:
+def test_processor_sees_what_the_releases_vllm_saw(engine: HFEngine) -> None:
     prompt = with_crops(0)
     assert len({im.size for im in prompt.images}) == 4
+    assert any(im.width * im.height < PROCESSOR_FLOOR for im in prompt.images)  # a crop below the floor
+    assert engine.processor.image_processor.size == {"shortest_edge": PROCESSOR_FLOOR, "longest_edge": 4096 * 32 * 32}
     grid = engine.encode([prompt])["image_grid_thw"]
     patch = engine.processor.image_processor.patch_size
-    assert [int(t * h * w) * patch * patch for t, h, w in grid] == [im.width * im.height for im in prompt.images]
-    assert [int(h) * patch for _, h, _ in grid] == [im.height for im in prompt.images]
+    assert [(int(h) * patch, int(w) * patch) for _, h, w in grid] == [seen(im) for im in prompt.images]
+    assert [int(t) for t, _, _ in grid] == [1] * 4
 
 
 def test_greedy_batched_equals_one_by_one(engine: HFEngine) -> None:
@@ -134,3 +146,64 @@ def test_stop_lengths_count_through_the_first_eos() -> None:
     lengths, stopped = stop_lengths(new, torch.tensor([eos, 11]))
     assert lengths == [3, 5, 1, 2]
     assert stopped == [True, False, True, True]
+
+
+RELEASE = GenParams(max_new_tokens=8, repetition_penalty=1.05)  # the release's greedy decoding with its penalty
+
+
+def recorded_generate_kwargs(engine: HFEngine, monkeypatch, prompts_: list[Prompt], params: GenParams) -> list[dict]:
+    """Run the real generate and record the keyword arguments each model.generate call got."""
+    calls, real = [], engine.model.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", recording)
+    engine.generate(prompts_, params)
+    return calls
+
+
+def test_generate_kwargs_carry_every_decoding_setting(engine: HFEngine, monkeypatch) -> None:
+    [greedy] = recorded_generate_kwargs(engine, monkeypatch, [one_image(0)], RELEASE)
+    assert (greedy["do_sample"], greedy["max_new_tokens"], greedy["repetition_penalty"]) == (False, 8, 1.0)
+    assert "stop_strings" not in greedy and not {"temperature", "top_p", "top_k"} & set(greedy)
+    [penalty] = greedy["logits_processor"]
+    assert isinstance(penalty, PromptRepetitionPenalty) and penalty.penalty == 1.05
+    params = GenParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.0, stop=("x",), seed=1)
+    [sampled] = recorded_generate_kwargs(engine, monkeypatch, [one_image(0)], params)
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (True, 0.7, 0.9, 20)
+    assert sampled["stop_strings"] == ["x"] and sampled["tokenizer"] is engine.processor.tokenizer
+    assert len(sampled["logits_processor"]) == 0 and sampled["repetition_penalty"] == 1.0
+
+
+def test_repetition_penalty_changes_the_output_and_batched_rows_decode_as_alone(engine: HFEngine) -> None:
+    batch = [Prompt("A question without an image."), one_image(0), with_crops(1), Prompt("Why?")]
+    plain = engine.generate(batch, GenParams(max_new_tokens=8))
+    strong = GenParams(max_new_tokens=8, repetition_penalty=3.0)
+    penalised = engine.generate(batch, strong)
+    assert [g.text for g in penalised] != [g.text for g in plain]
+    # Each row decodes as it would alone (as vLLM's unpadded rows do): padding is no part of a prompt.
+    for params in (RELEASE, strong):
+        batched = engine.generate(batch, params)
+        assert [g.text for g in batched] == [engine.generate([p], params)[0].text for p in batch]
+
+
+def test_stop_strings_end_the_text_before_them(engine: HFEngine) -> None:
+    prompt = one_image(3)
+    [free] = engine.generate([prompt], GenParams(max_new_tokens=8))
+    word = free.text.split()[1]
+    [stopped] = engine.generate([prompt], GenParams(max_new_tokens=8, stop=(word,)))
+    assert stopped.text == free.text[: free.text.index(word)] and stopped.extra["finish_reason"] == "stop"
+    assert stopped.output_tokens < free.output_tokens
+
+
+def test_penalty_counts_prompt_and_output_tokens_once_and_never_the_padding() -> None:
+    pad = 0
+    # Row 0 is left-padded by two pad tokens; row 1 is a full prompt that contains the pad id itself.
+    input_ids = torch.tensor([[pad, pad, 5, 6, 6, 7], [pad, 3, 4, 5, 6, 2]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # 5 prompt positions; 1 token generated
+    scores = torch.tensor([[2.0, 2.0, 2.0, -2.0, 2.0, 2.0, 2.0, 2.0]] * 2)
+    out = PromptRepetitionPenalty(2.0, attention_mask)(input_ids, scores.clone())
+    assert out[0].tolist() == [2.0, 2.0, 2.0, -2.0, 2.0, 1.0, 1.0, 1.0]  # 5, 6 (prompt), 7 (output); not pad
+    assert out[1].tolist() == [1.0, 2.0, 1.0, -4.0, 1.0, 1.0, 1.0, 2.0]  # a real pad-id token counts
