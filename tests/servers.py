@@ -91,7 +91,8 @@ def start_p2r_serve(
 class ScriptedServer:
     """An OpenAI-compatible chat server on 127.0.0.1 whose replies come from `reply_fn(request_json)`.
 
-    `reply_fn` returns the reply text, or an int to answer with that HTTP status instead.
+    `reply_fn` returns the reply text, or an int to answer with that HTTP status instead (or a
+    (status, message) pair to say why).
     `latency_s` is a delay per request (or a function of the 1-based call number), slept
     asynchronously so concurrent requests overlap. The first `fail_first` requests get
     `status_on_fail`. Records `calls`, `requests` (bodies), `headers` and `max_in_flight`;
@@ -137,7 +138,9 @@ class ScriptedServer:
                 return JSONResponse({"error": {"message": "scripted failure"}}, status_code=self.status_on_fail)
             reply = self.reply_fn(body)
             if isinstance(reply, int):
-                return JSONResponse({"error": {"message": f"scripted status {reply}"}}, status_code=reply)
+                reply = (reply, f"scripted status {reply}")
+            if isinstance(reply, tuple):
+                return JSONResponse({"error": {"message": reply[1]}}, status_code=reply[0])
             usage = {"prompt_tokens": len(str(body["messages"]).split()), "completion_tokens": len(reply.split())}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             return JSONResponse({

@@ -168,3 +168,12 @@ def test_record_cache_resumes_without_recomputing(tmp_path):
     assert [r.text for r in replies[:2]] == [r.text for r in first_replies]
     assert len(journal.read_text().splitlines()) == 4
     assert all(envelope.unwrap(r.text)["prediction"] == "B" for r in replies)
+
+
+def test_a_server_that_refuses_the_penalty_stops_the_run_naming_it():
+    refuse = lambda body: (400, "extra fields not permitted: repetition_penalty")  # noqa: E731
+    with ScriptedServer(refuse) as server:
+        lm = model(server.base_url, mode="default")
+        lm.task_dict = {"ours": {"test": [{"image": Image.new("RGB", (64, 64))}]}}
+        with pytest.raises(SystemExit, match="does not accept `repetition_penalty`"):
+            lm.generate_until([request("ours", 0, "Which?\nA. x\nB. y", {"p2r_answer_form": "mca"})])

@@ -206,11 +206,49 @@ def test_engine_generates_in_order_with_params_and_per_sample_errors():
 
 
 def test_engine_sends_only_the_params_set():
+    release = GenParams(max_new_tokens=3, repetition_penalty=1.05)
+    everything = GenParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.1,
+                           stop=("</answer>", "\n\n"), min_new_tokens=1, seed=3)  # fmt: skip
     with ScriptedServer(echo, models=("reasoner",)) as server:
         engine = OpenAIEngine(server.base_url, "reasoner")
-        engine.generate([Prompt("q")], GenParams(max_new_tokens=3))
+        for params in (GenParams(max_new_tokens=3), release, everything):
+            engine.generate([Prompt("q")], params)
         engine.close()
-    assert not {"min_tokens", "seed"} & set(server.requests[0])
+    sent = [{k: v for k, v in body.items() if k not in ("model", "messages")} for body in server.requests]
+    # Neutral vLLM extensions stay out, so a strict OpenAI server accepts the request.
+    assert sent[0] == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0}
+    assert sent[1] == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.05}
+    assert sent[2] == {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+                       "stop": ["</answer>", "\n\n"], "min_tokens": 1, "seed": 3}  # fmt: skip
+
+
+def test_a_server_refusing_an_extension_field_stops_with_its_name():
+    def strict(body: dict):
+        if "repetition_penalty" in body:
+            return 400, "Unrecognized request argument supplied: repetition_penalty"
+        return 400 if "too long" in body["messages"][-1]["content"][-1]["text"] else "ok"
+
+    with ScriptedServer(strict, models=("reasoner",)) as server:
+        engine = OpenAIEngine(server.base_url, "reasoner", backoff_s=0.01)
+        with pytest.raises(RequestRejected, match="does not accept `repetition_penalty`.*repetition_penalty=1.0"):
+            engine.generate([Prompt("q1"), Prompt("q2")], GenParams(max_new_tokens=4, repetition_penalty=1.05))
+        # Without it the same server answers, and a 400 about something else stays that sample's error.
+        ok, long = engine.generate([Prompt("q1"), Prompt("too long")], GenParams(max_new_tokens=4))
+        engine.close()
+    assert ok.text == "ok" and "HTTP 400" in long.error
+
+
+def test_png_images_carry_the_exact_pixels():
+    image = Image.effect_noise((48, 32), 60).convert("RGB")
+    with ScriptedServer(echo, models=("reasoner",)) as server:
+        engine = OpenAIEngine(server.base_url, "reasoner", image_format="png")
+        engine.generate([Prompt("q", [image])], GenParams(max_new_tokens=2))
+        engine.close()
+    url = server.requests[0]["messages"][1]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).tobytes() == image.tobytes()
+    with pytest.raises(ValueError, match="jpeg or png"):
+        OpenAIEngine("http://127.0.0.1:9", "reasoner", image_format="webp")
 
 
 def test_engine_raises_on_outage_instead_of_empty_answers():
