@@ -55,6 +55,18 @@ def test_each_bad_image_has_its_outcome(name):
     assert list(fit_to_budget(image, budget.max_pixels, budget.min_pixels).size) == expected["fitted"]
 
 
+@pytest.mark.parametrize("name", IMAGES)
+def test_release_mode_keeps_every_guarantee_and_converts_as_the_release(name):
+    """The same errors; a usable image is exactly PIL's plain convert("RGB") of what is stored (no EXIF, alpha dropped)."""
+    if "error" in IMAGES[name]:
+        budget = PixelBudget()
+        with pytest.raises(ImageError, match=IMAGES[name]["error"]):
+            fit_to_budget(load_image(BAD_IMAGES / name, "release"), budget.max_pixels, budget.min_pixels)
+        return
+    image = load_image(BAD_IMAGES / name, "release")
+    assert image.mode == "RGB" and image.tobytes() == Image.open(BAD_IMAGES / name).convert("RGB").tobytes()
+
+
 def test_truncated_images_fail_even_where_lmms_eval_made_pil_tolerant(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what `import lmms_eval.api.task` does
     for name in ("truncated.jpg", "truncated.png", "corrupt.png"):

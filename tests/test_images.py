@@ -46,3 +46,13 @@ def test_smart_resize_sides_and_budget(height, width, expected):
 def test_extreme_aspect_ratio_is_an_image_error():
     with pytest.raises(images.ImageError, match="aspect ratio"):
         images.smart_resize(10, 20000, 32, 16 * 1024, 4096 * 1024)
+
+
+def test_image_modes_release_and_robust():
+    from p2r_recipe.images import load_image
+
+    rgba = Image.new("RGBA", (4, 2), (200, 10, 10, 0))
+    assert load_image(rgba, "release").getpixel((0, 0)) == (200, 10, 10)  # the colour under the alpha
+    assert load_image(rgba, "robust").getpixel((0, 0)) == (255, 255, 255)  # flattened on white
+    with pytest.raises(ValueError, match="unknown image_mode 'raw'"):
+        load_image(rgba, "raw")

@@ -184,3 +184,30 @@ def test_group_yaml(path, subtasks):
     assert aggregations.pop("errors") is tasks.group_total
     assert {"overall", "boxes", "output_tokens", "seconds_per_sample"} <= set(aggregations)
     assert all(agg is tasks.group_mean for agg in aggregations.values())
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [({"A": "STOP", "B": None, "C": float("nan"), "D": "  "}, " Sign? \nOptions:\nA. STOP"),
+     ({"A": "", "B": None, "C": float("nan"), "D": "\t"}, " Sign? "),  # none left: no "Options:" header either
+     ({"A": 0, "B": "GO"}, " Sign? \nOptions:\nA. 0\nB. GO")],
+)  # fmt: skip
+def test_hrbench_leaves_out_missing_and_blank_options_and_keeps_the_question_as_stored(options, expected):
+    doc = {**HRBENCH_DOC, "question": " Sign? ", "A": None, "B": None, "C": None, "D": None, **options}
+    assert tasks.doc_to_text(benchmarks.HRBENCH, doc) == expected
+
+
+def test_mme_question_without_options_has_no_header():
+    for options in ([], None):
+        assert tasks.doc_to_text(benchmarks.MMEREALWORLD, {**MME_DOC, "question": " Q?", "multi-choice options": options}) == " Q?"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("  Which?\n(A) x\n(B) y\nAnswer with the option's letter from the given choices directly.", "Which?\n(A) x\n(B) y"),
+     ("Which?\n(A) x Answer with the options letter from the given choices directly \n", "Which?\n(A) x"),
+     ("Which? Answer with the option's letter from the given choices directly. Really?", "Which? Answer with the "
+      "option's letter from the given choices directly. Really?")],
+)  # fmt: skip
+def test_vstar_question_rule_is_the_releases(text, expected):
+    assert tasks.doc_to_text(benchmarks.VSTAR, {**VSTAR_DOC, "text": text}) == expected
