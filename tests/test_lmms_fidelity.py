@@ -263,3 +263,16 @@ def test_robust_image_mode_rotates_and_flattens(tmp_path):
     assert all(outputs.metrics(task)["errors"] == 0 for task in TASKS)
     records = [envelope.unwrap(s["filtered_resps"]) for s in outputs.samples["fid_vstar"]]
     assert all(r["error"] is None for r in records)
+
+
+@pytest.mark.parametrize("mode, pass_", [("default", "default"), ("thinking", "thinking"), ("p2r", "perceive"), ("p2r", "evidence")])
+def test_vllm_sampling_params_are_the_releases(mode, pass_):
+    """What the vllm backend hands to SamplingParams: the release's fields, and vLLM's defaults for the rest."""
+    from p2r_recipe.engines.vllm import sampling_kwargs
+    from p2r_recipe.lmms.model import P2R
+
+    lm = P2R(backend="openai", base_url="http://127.0.0.1:9", served_model="x", mode=mode)
+    params = lm.perceive_params if pass_ == "perceive" else lm.params
+    assert sampling_kwargs(params) == {
+        **DECODING, "max_tokens": MAX_TOKENS[pass_], "top_k": -1, "min_tokens": 0, "seed": None, "stop": [],
+    }  # fmt: skip
