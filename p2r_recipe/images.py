@@ -174,9 +174,9 @@ def decode_image(source: Any) -> Image.Image:
 
 def load_image(source: Any, image_mode: str = "robust") -> Image.Image:
     """`decode_image`, then RGB by the rule of `image_mode`; any failure is an ImageError with the reason."""
-    image = decode_image(source)
     if image_mode not in IMAGE_MODES:
         raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+    image = decode_image(source)
     try:
         return to_rgb(image, image_mode)
     except Exception as exc:
