@@ -14,11 +14,10 @@ from typing import Any
 from PIL import Image
 
 from . import prompts
-from .engines.base import Engine, GenParams, Generation
+from .engines.base import Engine, Generation, GenParams
 from .evidence import Evidence, gather_evidence
 from .images import IMAGE_MODES, ImageError, PixelBudget, load_image
 from .scoring import answer_text, extract_choice
-
 
 # The release's evaluation decoding (evaluation/batch_inference_vllm.py): max_tokens per pass
 # (MAX_TOKENS), and one SamplingParams for every pass: temperature 0, top_p 1 (run_eval_batch.sh),

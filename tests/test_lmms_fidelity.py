@@ -137,7 +137,8 @@ MME_ROWS = [
 
 
 def features(kind: str):
-    from datasets import Features, Image as ImageFeature, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
 
     text = Value("string")
     if kind == "vstar":

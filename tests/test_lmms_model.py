@@ -171,7 +171,7 @@ def test_record_cache_resumes_without_recomputing(tmp_path):
 
 
 def test_a_server_that_refuses_the_penalty_stops_the_run_naming_it():
-    refuse = lambda body: (400, "extra fields not permitted: repetition_penalty")  # noqa: E731
+    refuse = lambda body: (400, "extra fields not permitted: repetition_penalty")
     with ScriptedServer(refuse) as server:
         lm = model(server.base_url, mode="default")
         lm.task_dict = {"ours": {"test": [{"image": Image.new("RGB", (64, 64))}]}}

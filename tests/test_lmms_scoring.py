@@ -206,8 +206,8 @@ def test_mme_question_without_options_has_no_header():
     "text, expected",
     [("  Which?\n(A) x\n(B) y\nAnswer with the option's letter from the given choices directly.", "Which?\n(A) x\n(B) y"),
      ("Which?\n(A) x Answer with the options letter from the given choices directly \n", "Which?\n(A) x"),
-     ("Which? Answer with the option's letter from the given choices directly. Really?", "Which? Answer with the "
-      "option's letter from the given choices directly. Really?")],
+     # Only at the end: an instruction followed by more text stays.
+     ("Which? Answer with the option's letter from the given choices directly. Really?", None)],
 )  # fmt: skip
 def test_vstar_question_rule_is_the_releases(text, expected):
-    assert tasks.doc_to_text(benchmarks.VSTAR, {**VSTAR_DOC, "text": text}) == expected
+    assert tasks.doc_to_text(benchmarks.VSTAR, {**VSTAR_DOC, "text": text}) == (expected or text)
