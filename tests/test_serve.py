@@ -39,13 +39,14 @@ def test_health_is_open_and_models_need_the_key(server):
 
 def test_engine_chat_with_images(server):
     engine = OpenAIEngine(server, "tiny", api_key=KEY)
-    small, large = (Prompt("what color?", [Image.new("RGB", (s, s), "red")]) for s in (128, 256))
+    small, large = (Prompt("what color?", [Image.new("RGB", (s, s), "red")]) for s in (256, 512))
     gens = engine.generate([small, large], GenParams(max_new_tokens=6, min_new_tokens=6))
     engine.close()
     assert [g.error for g in gens] == [None, None]
     assert [g.output_tokens for g in gens] == [6, 6] and all(isinstance(g.text, str) for g in gens)
-    # 128 px -> 4x4 merged patches, 256 px -> 8x8: the images reached the model.
-    assert gens[1].input_tokens - gens[0].input_tokens == 64 - 16
+    # 256 px -> 8x8 merged patches, 512 px -> 16x16: the images reached the model. (Below the
+    # processor's 65,536-pixel floor, e.g. 128 px, an image is enlarged to 256 px, as vLLM does.)
+    assert gens[1].input_tokens - gens[0].input_tokens == 256 - 64
 
 
 def test_chat_without_key_is_401(server):
