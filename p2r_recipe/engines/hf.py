@@ -77,12 +77,14 @@ class PromptRepetitionPenalty(LogitsProcessor):
     def __init__(self, penalty: float, attention_mask: torch.Tensor):
         self.penalty = penalty
         self.pads = attention_mask == 0
+        self.prompt: torch.Tensor | None = None  # the prompt's ids with pads replaced, made on the first step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        prompt_length = self.pads.shape[1]
-        ids = input_ids.clone()
-        last = input_ids[:, prompt_length - 1 : prompt_length].expand(-1, prompt_length)
-        ids[:, :prompt_length] = torch.where(self.pads.to(ids.device), last, input_ids[:, :prompt_length])
+        length = self.pads.shape[1]
+        if self.prompt is None:
+            last = input_ids[:, length - 1 : length].expand(-1, length)
+            self.prompt = torch.where(self.pads.to(input_ids.device), last, input_ids[:, :length])
+        ids = torch.cat([self.prompt, input_ids[:, length:]], dim=1)
         picked = torch.gather(scores, 1, ids)
         picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
         return scores.scatter(1, ids, picked)
