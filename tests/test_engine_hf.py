@@ -207,3 +207,37 @@ def test_penalty_counts_prompt_and_output_tokens_once_and_never_the_padding() ->
     out = PromptRepetitionPenalty(2.0, attention_mask)(input_ids, scores.clone())
     assert out[0].tolist() == [2.0, 2.0, 2.0, -2.0, 2.0, 1.0, 1.0, 1.0]  # 5, 6 (prompt), 7 (output); not pad
     assert out[1].tolist() == [1.0, 2.0, 1.0, -4.0, 1.0, 1.0, 1.0, 2.0]  # a real pad-id token counts
+
+
+def test_grouped_sdpa_equals_repeated_kv_attention() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from p2r_recipe.engines.hf import grouped_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(3, 8, 1, 64, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(3, 2, 37, 64, generator=generator, dtype=torch.float64) for _ in range(2))
+    # Left padding and unwritten cache slots, as a padded batch over a static cache has them.
+    mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
+    mask[0, ..., :5] = mask[1, ..., 30:] = False
+    out, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.125)
+    repeated = key.repeat_interleave(4, dim=1), value.repeat_interleave(4, dim=1)
+    reference = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=0.125)
+    assert out.shape == (3, 1, 8, 64)
+    torch.testing.assert_close(out, reference.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    prefill = torch.randn(3, 8, 5, 64, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(
+        grouped_sdpa(module, prefill, key, value, None)[0], sdpa_attention_forward(module, prefill, key, value, None)[0]
+    )
+
+
+def test_static_cache_decodes_as_the_dynamic_cache(engine: HFEngine, tiny_model_dir: Path) -> None:
+    # The static-cache engine decodes with grouped_sdpa (1 KV head, 2 query heads in the tiny model).
+    static = HFEngine(str(tiny_model_dir), device="cpu", batch_size=4, budget=BUDGET, static_cache=True, compile=False)
+    assert static.model.config.text_config._attn_implementation == "p2r_grouped_sdpa"
+    static.model.lm_head.weight = engine.model.lm_head.weight
+    batch = [one_image(0), with_crops(1), Prompt("Text only."), one_image(3, "Count the squares.")]
+    params = GenParams(max_new_tokens=8, min_new_tokens=8)
+    assert [g.text for g in static.generate(batch, params)] == [g.text for g in engine.generate(batch, params)]
