@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--tokens", nargs=4, type=int, default=[8, 48, 256, 256], metavar=("DIRECT", "PERCEIVE", "THINK", "REASON"))
     parser.add_argument("--decode-steps", type=int, default=64, help="0: skip the decode-speed measurement")
+    parser.add_argument("--decode-batch-sizes", nargs="+", type=int, help="batch sizes of the decode-speed measurement (default: --batch-sizes)")
     parser.add_argument("--image-size", nargs=2, type=int, default=[1920, 1080])
     parser.add_argument("--merge", nargs="+", type=Path, help="combine the variants of earlier reports into --out")
     quick = {"batch_sizes": [1], "tokens": [2, 4, 8, 8], "decode_steps": 4, "image_size": [320, 240]}
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                 configs.append(row)
                 print(variant, row, flush=True)
         decode = []
-        for batch_size in args.batch_sizes if args.decode_steps else []:
+        for batch_size in (args.decode_batch_sizes or args.batch_sizes) if args.decode_steps else []:
             engine.batch_size = batch_size
             speed = decode_speed(engine, batch_size, pictures[0], args.decode_steps)
             if bandwidth:
@@ -341,7 +342,9 @@ def summarize(report: dict) -> dict:
     fast, plain = report["variants"].get("fast"), report["variants"].get("straightforward")
     if fast and plain and fast["decode"] and plain["decode"]:
         out["decode_speedup"] = {
-            str(a["batch"]): round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(fast["decode"], plain["decode"])
+            str(a["batch"]): round(a["tokens_per_s"] / b["tokens_per_s"], 2)
+            for a, b in zip(fast["decode"], plain["decode"])
+            if a["batch"] == b["batch"]
         }
     return out
 
