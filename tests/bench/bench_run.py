@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         }  # fmt: skip
         report["runs"].append(row)
         print({k: v for k, v in row.items() if k != "outputs"}, flush=True)
+    if engine.compile:
+        # Where the warm-up went (tracing, AOT, inductor; seconds per phase) and whether inductor's disk cache served it.
+        from torch._dynamo.utils import compile_times, counters
+
+        report["compile_times"] = compile_times(repr="str", aggregate=True)
+        report["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     return write_result(report, args.out)
 
 
