@@ -236,11 +236,11 @@ class HFEngine:
         progress = tqdm(total=len(prompts), desc="hf generate", unit="prompt", disable=len(prompts) <= self.batch_size)
         with progress, ThreadPoolExecutor(1, thread_name_prefix="hf-stage") as stager:
             stage = (lambda batch: stager.submit(self._stage, batch)) if self.prefetch else (lambda batch: None)
-            ahead = stage([prompts[i] for i in chunks[0]]) if chunks else None
+            ahead = stage(self._fill([prompts[i] for i in chunks[0]])) if chunks else None
             for k, chunk in enumerate(chunks):
-                batch, staged = [prompts[i] for i in chunk], ahead
+                batch, staged = self._fill([prompts[i] for i in chunk]), ahead
                 if k + 1 < len(chunks):
-                    ahead = stage([prompts[i] for i in chunks[k + 1]])
+                    ahead = stage(self._fill([prompts[i] for i in chunks[k + 1]]))
                 # Each chunk gets its own seed so equal prompts in different chunks still sample differently.
                 seed = None if params.seed is None else params.seed + k * self.batch_size
                 run = self._runner(batch, staged, params, seed)
@@ -248,6 +248,14 @@ class HFEngine:
                     generations[i] = gen
                 progress.update(len(chunk))
         return generations
+
+    def _fill(self, batch: list[Prompt]) -> list[Prompt]:
+        """With a static cache, a short batch (a run's last) repeats its last prompt up to `batch_size`: the
+        compiled step specialises on the batch size, and a new one costs a recompile (70-130 s for a 4B model),
+        far more than decoding a few extra rows. The repeats' generations are dropped (zip in `generate`)."""
+        if not self.static_cache or not batch or len(batch) >= self.batch_size:
+            return batch
+        return batch + [batch[-1]] * (self.batch_size - len(batch))
 
     def _runner(self, batch: list[Prompt], staged: Future | None, params: GenParams, seed: int | None):
         """Generate for `batch` from its prefetched stage; parts of it (after a failure split) are staged anew."""
