@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2r_recipe.engines import BACKENDS, make_engine
+from p2r_recipe.engines import BACKENDS, choose_backend, make_engine, resolve_backend
 
 
 def test_importing_engines_pulls_in_no_heavy_package() -> None:
@@ -66,3 +66,22 @@ def test_isolate_failures_halves_until_only_bad_prompts_fail() -> None:
     ]
     assert [g.text for g in gens] == ["" if i in (5, 6) else f"OK {i}" for i in range(32)]
     assert len(calls) <= 1 + 2 * 2 * 5  # about log2(32) halvings per bad prompt, not 32 single calls
+
+
+def test_auto_backend_rule() -> None:
+    assert choose_backend("auto", "http://127.0.0.1:8000/v1", True, True) == "openai"
+    assert choose_backend("auto", None, True, True) == "vllm"
+    assert choose_backend("auto", None, True, False) == "hf"
+    assert choose_backend("auto", None, False, True) == "hf"
+    assert choose_backend("hf", None, True, True) == "hf" and choose_backend("vllm", None, False, False) == "vllm"
+
+
+def test_auto_backend_on_this_cpu_machine(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    assert not torch.cuda.is_available()  # CI has no GPU: whether vLLM is installed or not, auto is hf here
+    assert resolve_backend("auto") == "hf"
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert resolve_backend("auto") == "hf"
+    assert make_engine("auto", pretrained=str(tiny_model_dir), device="cpu").name == "hf"
+    assert make_engine("auto", base_url="http://127.0.0.1:9/v1", model="p2r").name == "openai"

@@ -39,7 +39,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..engines import make_engine
+from ..engines import make_engine, resolve_backend
 from ..engines.openai import RequestRejected, ServiceUnavailable
 from ..images import IMAGE_MODES, PixelBudget
 from ..journal import Journal
@@ -106,7 +106,7 @@ class P2R(lmms):
         self,
         pretrained: str | None = None,
         mode: str = "p2r",
-        backend: str = "hf",
+        backend: str = "auto",
         base_url: str | None = None,
         api_key: str | None = None,
         served_model: str | None = None,
@@ -135,6 +135,7 @@ class P2R(lmms):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"p2r: unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
         self.mode, self.image_mode = mode, image_mode
+        backend = resolve_backend(backend, base_url)
         self.budget = PixelBudget(
             max_pixels=int(max_pixels), min_pixels=int(min_pixels), crop_max_pixels=int(crop_max_pixels or max_pixels)
         )
