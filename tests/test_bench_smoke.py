@@ -88,3 +88,11 @@ def test_eval(tmp_path):
         assert next(r for r in configs if r["mode"] == "p2r")["evidence_samples"] == 1
         assert report["summary"][variant]["p2r_over_thinking"]["1"] > 0
     assert report["summary"]["decode_speedup"]["1"] > 0
+
+
+def test_run(tmp_path):
+    report = bench("run", tmp_path)  # 5 samples at batch 2: batches of 2, 2 and 1
+    (row,) = report["runs"]
+    assert (row["batches"], row["batches_timed"], row["samples"], row["errors"]) == (3, 3, 5, 0)
+    assert sorted(row["outputs"]) == [f"s{i}" for i in range(5)] and not row["extrapolated"]
+    assert row["batches_s"] >= row["first_batch_s"] > 0 and report["load_s"] > 0
