@@ -18,6 +18,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .images import PixelBudget, fit_to_budget, refit_edited
+
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta")
 MAX_CROPS = 3
 PLACEHOLDER_LABEL = "description"
@@ -127,14 +129,35 @@ def crop_rect(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
     return int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
 
 
+def _line_width(width: int) -> int:
+    return max(3, int(0.003 * width))
+
+
 def annotate(image: Image.Image, boxes: list[Box]) -> Image.Image:
     """A copy of the image with every box outlined, colours cycling in the release's order."""
     annotated = image.copy()
     draw = ImageDraw.Draw(annotated)
-    line = max(3, int(0.003 * image.width))
+    line = _line_width(image.width)
     for i, box in enumerate(boxes):
         draw.rectangle(box.pixels(image.width, image.height, margin=line + 1), outline=COLORS[i % len(COLORS)], width=line)
     return annotated
+
+
+def drawn_regions(boxes: list[Box], width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The rectangles (x0, y0, x1, y1, ends exclusive) that `annotate` may change: each outline's four bands,
+    one pixel wider on every side; a box too small for separate bands counts whole, grown by a line width
+    (Pillow draws each band a full line wide even where the box is thinner than that)."""
+    line, regions = _line_width(width), []
+    for box in boxes:
+        x1, y1, x2, y2 = box.pixels(width, height)
+        if x2 - x1 < 2 * line + 2 or y2 - y1 < 2 * line + 2:
+            bands = [(x1 - line, y1 - line, x2 + 1 + line, y2 + 1 + line)]
+        else:
+            bands = [(x1, y1, x2 + 1, y1 + line), (x1, y2 + 1 - line, x2 + 1, y2 + 1),
+                     (x1, y1, x1 + line, y2 + 1), (x2 + 1 - line, y1, x2 + 1, y2 + 1)]  # fmt: skip
+        for a, b, c, d in bands:
+            regions.append((max(0, a - 1), max(0, b - 1), min(width, c + 1), min(height, d + 1)))
+    return regions
 
 
 @dataclass
@@ -144,6 +167,7 @@ class Evidence:
     images: list[Image.Image]
     boxes: list[Box] = field(default_factory=list)
     crops: list[tuple[int, int, int, int]] = field(default_factory=list)
+    fitted_original: Image.Image | None = None  # the original image fitted to its budget, when already made
 
     @property
     def has_evidence(self) -> bool:
@@ -152,6 +176,21 @@ class Evidence:
     @property
     def mean_box_area(self) -> float:
         return sum(b.area for b in self.boxes) / len(self.boxes) if self.boxes else 0.0
+
+    def fit(self, budget: PixelBudget, fitted_original: Image.Image | None = None) -> list[Image.Image]:
+        """The images fitted to `budget`, the same bytes as `budget.fit(self.images)`. Given the original image's
+        own fit (the perceive pass made it), the annotated image's fit is that one, resampled again only where
+        the boxes were drawn: at 4K-8K the full resize was most of the evidence's cost."""
+        if fitted_original is None:
+            return budget.fit(self.images)
+        if not self.has_evidence:
+            return [fitted_original]
+        width, height = self.images[0].size
+        annotated = refit_edited(fitted_original, self.images[0], drawn_regions(self.boxes, width, height))
+        crops = [
+            fit_to_budget(im, budget.for_image(i), budget.min_pixels, budget.factor) for i, im in enumerate(self.images) if i
+        ]
+        return [annotated, *crops]
 
 
 def gather_evidence(image: Image.Image, perceiver_output: str | list[Box], max_crops: int = MAX_CROPS) -> Evidence:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 # PIL's own decompression-bomb threshold (89 MP); HR-Bench 8K images are 33 MP.
@@ -244,3 +245,69 @@ def data_url(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> str:
     """An image as a base64 data URL for OpenAI-compatible chat messages."""
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(encode_image(image, fmt, quality)).decode()
 
+
+
+# Pillow's fixed-point precision for 8-bit resampling (libImaging/Resample.c).
+_PRECISION_BITS = 22
+
+
+def refit_edited(fitted: Image.Image, edited: Image.Image, regions: list[tuple[int, int, int, int]]) -> Image.Image:
+    """`edited.resize(fitted.size, BICUBIC)`, byte for byte, given `fitted`: the same resize of the image before
+    the source rectangles `regions` (x0, y0, x1, y1) of it were changed (e.g. boxes drawn on it).
+
+    Only the output pixels whose bicubic support reaches into a changed rectangle are resampled again, with
+    Pillow's own coefficients and fixed-point arithmetic, horizontal pass first (as Pillow does unless
+    `resize_bicubic`'s vertical-first case applies; that case, and non-RGB images, resize the whole image).
+    """
+    if fitted.size == edited.size:
+        return edited
+    width, height = fitted.size
+    vertical_first = width != edited.width and edited.height - height > max(0, 2 * (edited.width - width))
+    if vertical_first or edited.mode != "RGB" or fitted.mode != "RGB":
+        return resize_bicubic(edited, fitted.size)
+    (xmin, xlen, xk), (ymin, ylen, yk) = _coefficients(edited.width, width), _coefficients(edited.height, height)
+    out = np.array(fitted)
+    source = np.asarray(edited)
+    for x0, y0, x1, y1 in regions:
+        # Outputs whose taps [min, min + len) overlap the changed span: a contiguous run, as both ends grow with it.
+        cols = np.flatnonzero((xmin < x1) & (xmin + xlen > x0))
+        rows = np.flatnonzero((ymin < y1) & (ymin + ylen > y0))
+        if not len(cols) or not len(rows):
+            continue
+        c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
+        first, last = ymin[r0], int((ymin[r0:r1] + ylen[r0:r1]).max())
+        between = _resample(source[first:last], xmin[c0:c1], xk[c0:c1], axis=1)
+        out[r0:r1, c0:c1] = _resample(between, ymin[r0:r1] - first, yk[r0:r1], axis=0)
+    return Image.fromarray(out)
+
+
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's bicubic taps for every output position of one axis: first input index, tap count, and the
+    weights in fixed point (precompute_coeffs + normalize_coeffs_8bpc, the same double arithmetic)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    taps = np.arange(int(math.ceil(support)) * 2 + 1)
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    x = np.abs((taps[None, :] + first[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
+    a = -0.5
+    weights = np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    weights = np.where(taps[None, :] < count[:, None], weights, 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.where(total != 0.0, weights / np.where(total != 0.0, total, 1.0), weights)
+    fixed = np.where(weights < 0, -0.5 + weights * (1 << _PRECISION_BITS), 0.5 + weights * (1 << _PRECISION_BITS))
+    return first, count, fixed.astype(np.int64)
+
+
+def _resample(pixels: np.ndarray, first: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """One 8-bit pass of Pillow's resampling over `pixels` (rows, columns, channels) along `axis`, for the
+    outputs whose taps start at `first`; rounds and clips as Pillow's clip8 does."""
+    index = np.minimum(first[:, None] + np.arange(weights.shape[1])[None, :], pixels.shape[axis] - 1)
+    gathered = np.take(pixels, index, axis=axis).astype(np.int64)
+    if axis == 1:
+        total = np.einsum("rokc,ok->roc", gathered, weights)
+    else:
+        total = np.einsum("okwc,ok->owc", gathered, weights)
+    return np.clip((total + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS, 0, 255).astype(np.uint8)

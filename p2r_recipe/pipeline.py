@@ -144,6 +144,7 @@ class Pipeline:
             record = records[i]
             if record.error is None:
                 found = evidence[i] = gather_evidence(images[i][0], record.perceiver_output or "")
+                found.fitted_original = batch[i].images[0]  # the reason pass's fit patches it (Evidence.fit)
                 record.boxes = [{"bbox_2d": list(b.bbox_2d), "label": b.label} for b in found.boxes]
                 record.box_count, record.mean_box_area = len(found.boxes), found.mean_box_area
                 record.has_evidence = found.has_evidence
@@ -156,7 +157,7 @@ class Pipeline:
             text = prompts.thinking_text(sample.question, sample.answer_form)
         else:
             text = prompts.reason_text(sample.question, sample.answer_form, evidence.has_evidence)
-            images = evidence.images
+            return prompts.Prompt(text, evidence.fit(self.budget, evidence.fitted_original))
         return prompts.Prompt(text, self.budget.fit(images))
 
     def _generate(self, batch: list[prompts.Prompt], records: list[Record], params: GenParams, target: str) -> None:

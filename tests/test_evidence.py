@@ -156,3 +156,27 @@ def test_gather_evidence_never_returns_empty(w, h, objects):
     assert ev.images
     assert all(im.width >= 1 and im.height >= 1 for im in ev.images)
     assert ev.has_evidence == (len(ev.images) > 1)
+
+
+def test_evidence_fit_patches_the_original_fit_byte_for_byte() -> None:
+    import numpy as np
+
+    from p2r_recipe.evidence import Box, gather_evidence
+    from p2r_recipe.images import PixelBudget
+
+    rng = np.random.default_rng(3)
+    budget = PixelBudget(max_pixels=300 * 32 * 32, crop_max_pixels=64 * 32 * 32)
+    for width, height in [(1280, 720), (997, 1501), (2000, 300)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        (fitted,) = budget.fit([image])
+        for count in (0, 1, 3, 8):
+            corners = rng.uniform(0, 1000, (count, 2, 2))
+            # Random boxes, including ones at the image's edges and ones thinner than two outline widths.
+            boxes = [Box((*c.min(0), *c.max(0))) for c in corners] + [
+                Box((0, 0, 1000, 3)), Box((990, 400, 1000, 1000)), Box((500, 500, 501, 501)), Box((0, 0, 1, 1000))
+            ]
+            evidence = gather_evidence(image, boxes)
+            patched, plain = evidence.fit(budget, fitted), budget.fit(evidence.images)
+            assert [im.size for im in patched] == [im.size for im in plain]
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(patched, plain))
+    assert gather_evidence(image, "no boxes").fit(budget, fitted) == [fitted]

