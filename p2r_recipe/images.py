@@ -266,8 +266,7 @@ def refit_edited(fitted: Image.Image, edited: Image.Image, regions: list[tuple[i
     if vertical_first or edited.mode != "RGB" or fitted.mode != "RGB":
         return resize_bicubic(edited, fitted.size)
     (xmin, xlen, xk), (ymin, ylen, yk) = _coefficients(edited.width, width), _coefficients(edited.height, height)
-    out = np.array(fitted)
-    source = np.asarray(edited)
+    out = fitted.copy()  # pasted into: converting it to an array and back costs more than the resampling
     for x0, y0, x1, y1 in regions:
         # Outputs whose taps [min, min + len) overlap the changed span: a contiguous run, as both ends grow with it.
         cols = np.flatnonzero((xmin < x1) & (xmin + xlen > x0))
@@ -276,9 +275,12 @@ def refit_edited(fitted: Image.Image, edited: Image.Image, regions: list[tuple[i
             continue
         c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
         first, last = ymin[r0], int((ymin[r0:r1] + ylen[r0:r1]).max())
-        between = _resample(source[first:last], xmin[c0:c1], xk[c0:c1], axis=1)
-        out[r0:r1, c0:c1] = _resample(between, ymin[r0:r1] - first, yk[r0:r1], axis=0)
-    return Image.fromarray(out)
+        left, right = xmin[c0], int((xmin[c0:c1] + xlen[c0:c1]).max())
+        # Only the source pixels these outputs read: copying the whole 8K image would cost more than the resampling.
+        source = np.asarray(edited.crop((left, first, right, last)))
+        between = _resample(source, xmin[c0:c1] - left, xk[c0:c1], axis=1)
+        out.paste(Image.fromarray(_resample(between, ymin[r0:r1] - first, yk[r0:r1], axis=0)), (int(c0), int(r0)))
+    return out
 
 
 def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
