@@ -149,7 +149,7 @@ def drawn_regions(boxes: list[Box], width: int, height: int) -> list[tuple[int, 
     (Pillow draws each band a full line wide even where the box is thinner than that)."""
     line, regions = _line_width(width), []
     for box in boxes:
-        x1, y1, x2, y2 = box.pixels(width, height)
+        x1, y1, x2, y2 = box.pixels(width, height, margin=line + 1)  # as `annotate` draws it
         if x2 - x1 < 2 * line + 2 or y2 - y1 < 2 * line + 2:
             bands = [(x1 - line, y1 - line, x2 + 1 + line, y2 + 1 + line)]
         else:

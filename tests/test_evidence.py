@@ -173,7 +173,8 @@ def test_evidence_fit_patches_the_original_fit_byte_for_byte() -> None:
             corners = rng.uniform(0, 1000, (count, 2, 2))
             # Random boxes, including ones at the image's edges and ones thinner than two outline widths.
             boxes = [Box((*c.min(0), *c.max(0))) for c in corners] + [
-                Box((0, 0, 1000, 3)), Box((990, 400, 1000, 1000)), Box((500, 500, 501, 501)), Box((0, 0, 1, 1000))
+                Box((0, 0, 1000, 3)), Box((990, 400, 1000, 1000)), Box((500, 500, 501, 501)), Box((0, 0, 1, 1000)),
+                Box((-50, 200, 1200, 400)), Box((-1e300, -5, 30, 1e300)),
             ]
             evidence = gather_evidence(image, boxes)
             patched, plain = evidence.fit(budget, fitted), budget.fit(evidence.images)
