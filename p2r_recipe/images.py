@@ -19,6 +19,14 @@ from PIL import Image, ImageFile, ImageOps
 
 # PIL's own decompression-bomb threshold (89 MP); HR-Bench 8K images are 33 MP.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Pixels all the images of one request (p2r-serve) or one training row may decode to together, read
+# from their headers before any is decoded: one largest allowed image's worth, so 16 small files
+# cannot decode to 16 times the per-image limit (P2R's four images, the original and three crops
+# of it, stay far below).
+MAX_TOTAL_PIXELS = MAX_IMAGE_PIXELS
+# Raster formats Pillow decodes in-process (MPO: phone JPEGs). Nothing else is even identified:
+# EPS would run Ghostscript on the file's bytes, and no dataset of P2R's uses another format.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_ASPECT_RATIO = 200
 # Qwen3-VL: 16-pixel patches merged 2x2, so image sides are multiples of 32.
 QWEN_FACTOR = 32
@@ -30,6 +38,22 @@ _resize_pool = ThreadPoolExecutor(_RESIZE_THREADS, thread_name_prefix="p2r-resiz
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message is the per-sample reason."""
+
+
+class PixelAllowance:
+    """The decoded pixels a group of images (one request, one training row) may still take;
+    `load_image` draws on it from each image's header, before decoding the image."""
+
+    def __init__(self, total: int = MAX_TOTAL_PIXELS):
+        self.total = self.left = total
+
+    def take(self, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise ImageError(
+                f"images too large together: {width}x{height} would pass the {self.total} pixel budget "
+                f"of one request or training row ({self.total - self.left} pixels already taken)"
+            )
+        self.left -= width * height
 
 
 @dataclass(frozen=True)
@@ -147,11 +171,17 @@ def to_rgb(image: Image.Image, image_mode: str = "robust") -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(source: Any) -> Image.Image:
+def decode_image(source: Any, allowance: PixelAllowance | None = None) -> Image.Image:
     """Open a path, bytes, data URL or PIL image as decoded pixels in their stored mode (first frame
-    of an animation), or raise ImageError with the reason: limits, bombs and truncation are checked here."""
+    of an animation), or raise ImageError with the reason: formats, limits, bombs and truncation are
+    checked here. Only `IMAGE_FORMATS` are opened; `allowance`, when given, is charged with the
+    image's pixels from its header, before it is decoded."""
     if isinstance(source, Image.Image):
+        if source.format is not None and source.format not in IMAGE_FORMATS:
+            raise ImageError(f"image format {source.format} is not allowed (allowed: {', '.join(IMAGE_FORMATS)})")
         _check_size(source.width, source.height)
+        if allowance is not None:
+            allowance.take(source.width, source.height)
         return source
     data = _read_bytes(source)
     if not data:
@@ -159,25 +189,29 @@ def decode_image(source: Any) -> Image.Image:
     try:
         with warnings.catch_warnings(), _strict_decoding():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             _check_size(image.width, image.height)
+            if allowance is not None:
+                allowance.take(image.width, image.height)
             image.seek(0)  # first frame of an animation
             image.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"unreadable image: not a {', '.join(IMAGE_FORMATS)} file") from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(f"unreadable image: {type(exc).__name__}: {exc}") from None
     _check_size(image.width, image.height)
     return image
 
 
-def load_image(source: Any, image_mode: str = "robust") -> Image.Image:
+def load_image(source: Any, image_mode: str = "robust", allowance: PixelAllowance | None = None) -> Image.Image:
     """`decode_image`, then RGB by the rule of `image_mode`; any failure is an ImageError with the reason."""
     if image_mode not in IMAGE_MODES:
         raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
-    image = decode_image(source)
+    image = decode_image(source, allowance)
     try:
         return to_rgb(image, image_mode)
     except Exception as exc:

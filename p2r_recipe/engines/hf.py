@@ -14,6 +14,7 @@ processes on the same machine reuse the compiled kernels.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from transformers import (
     CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -139,6 +142,16 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class _Interrupted(StoppingCriteria):
+    """Ends every row of a generation at the next token once `event` is set (p2r-serve shutting down)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class _Staged:
     """A batch's CPU-side work, done ahead: chat-templated texts and images (RGB arrays when they go to the GPU)."""
@@ -152,7 +165,9 @@ class HFEngine:
 
     `static_cache`, `compile` and `images_on_device` default to on for CUDA devices, off
     otherwise; `cache_step` rounds the static cache's length up so that prompts of similar
-    lengths reuse one compiled decoding step.
+    lengths reuse one compiled decoding step. A server sets `max_time_s` (each generate call
+    stops there, its rows cut like at the token limit) and `interrupt` (setting the event ends
+    generation at the next token).
     """
 
     name = "hf"
@@ -169,6 +184,8 @@ class HFEngine:
         images_on_device: bool | None = None,
         prefetch: bool = True,
         cache_step: int = 512,
+        max_time_s: float | None = None,
+        interrupt: threading.Event | None = None,
     ):
         path = resolve_pretrained(pretrained)
         device = resolve_device(device)
@@ -179,6 +196,7 @@ class HFEngine:
             raise ValueError("compile=True needs static_cache=True: only a static cache keeps the decoding step's shapes fixed")
         self.images_on_device = on_gpu if images_on_device is None else images_on_device
         self.prefetch, self.cache_step = prefetch, cache_step
+        self.max_time_s, self.interrupt = max_time_s, interrupt
         self.batch_size = batch_size
         defaults = AutoImageProcessor.from_pretrained(path).size
         self.processor = AutoProcessor.from_pretrained(path, size=processor_size(budget or PixelBudget(), defaults))
@@ -198,6 +216,21 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt plus reply) the model's positions cover."""
+        config = getattr(self.model.config, "text_config", self.model.config)
+        return int(config.max_position_embeddings)
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        """Tokens `prompt` takes in the context, text plus image tokens, without processing any pixels."""
+        text = self.processor.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        image = self.processor.image_processor
+        patches = [image.get_number_of_image_patches(im.height, im.width, {}) for im in prompt.images]
+        # The template holds one placeholder token per image; the processor expands it to the image's tokens.
+        return len(ids) - len(patches) + sum(n // image.merge_size**2 for n in patches)
 
     def encode(self, prompts: list[Prompt]) -> BatchFeature:
         """Model inputs for a batch: chat-templated, left-padded, images in prompt order at their own size."""
@@ -295,6 +328,8 @@ class HFEngine:
                 min_new_tokens=params.min_new_tokens,
                 eos_token_id=self.eos_ids.tolist(),
                 pad_token_id=self.processor.tokenizer.pad_token_id,
+                max_time=self.max_time_s,
+                stopping_criteria=StoppingCriteriaList([_Interrupted(self.interrupt)]) if self.interrupt is not None else None,
                 **self._cache(inputs["input_ids"].shape[1], params),
                 **self.decoding(params, inputs["attention_mask"]),
             )
