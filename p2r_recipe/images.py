@@ -24,9 +24,11 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # cannot decode to 16 times the per-image limit (P2R's four images, the original and three crops
 # of it, stay far below).
 MAX_TOTAL_PIXELS = MAX_IMAGE_PIXELS
-# Raster formats Pillow decodes in-process (MPO: phone JPEGs). Nothing else is even identified:
-# EPS would run Ghostscript on the file's bytes, and no dataset of P2R's uses another format.
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Raster formats Pillow decodes in-process. Nothing else is even identified: EPS would run
+# Ghostscript on the file's bytes, and no dataset of P2R's uses another format.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pillow's JPEG reader returns multi-picture JPEGs (as phones write them) as MPO.
+_OPENED_AS = {*IMAGE_FORMATS, "MPO"}
 MAX_ASPECT_RATIO = 200
 # Qwen3-VL: 16-pixel patches merged 2x2, so image sides are multiples of 32.
 QWEN_FACTOR = 32
@@ -177,7 +179,7 @@ def decode_image(source: Any, allowance: PixelAllowance | None = None) -> Image.
     checked here. Only `IMAGE_FORMATS` are opened; `allowance`, when given, is charged with the
     image's pixels from its header, before it is decoded."""
     if isinstance(source, Image.Image):
-        if source.format is not None and source.format not in IMAGE_FORMATS:
+        if source.format is not None and source.format not in _OPENED_AS:
             raise ImageError(f"image format {source.format} is not allowed (allowed: {', '.join(IMAGE_FORMATS)})")
         _check_size(source.width, source.height)
         if allowance is not None:

@@ -5,7 +5,16 @@ Requests map onto one `Prompt`: the system messages' text (the release's system 
 when there is none), then the LAST user message's images (in order) and its text parts
 joined by newlines; earlier turns are ignored, since every P2R pass is single-turn.
 Images must be inline `data:` URLs (files and http URLs are never fetched). Decoding is
-greedy unless `temperature` > 0; `min_tokens` and `seed` are honoured as in vLLM.
+greedy unless `temperature` > 0; `top_p`, `top_k`, `repetition_penalty`, `stop`, `min_tokens`
+and `seed` are honoured as in vLLM, and any other option is refused with a 400 naming it.
+
+Limits (each a 4xx naming it, the server staying up): the body (`--max-body-mb`), 16 images and
+`MAX_TOTAL_PIXELS` decoded pixels per request (read from the headers before decoding), the
+model's context (prompt text and image tokens plus `max_tokens`), and `--max-generation-s` per
+engine call, so a request waits at most for the engine calls queued ahead of it, each of at
+most `--max-batch` requests and that many seconds. SIGTERM ends a generation at its next token.
+Without a key, POST bodies must be `application/json` and the Host header a name of this
+server (cross-site pages and DNS rebinding cannot reach it).
 """
 
 from __future__ import annotations
@@ -13,10 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import os
 import secrets
+import stat
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .engines.base import Engine, Generation, GenParams
-from .images import ImageError, load_image
+from .images import ImageError, PixelAllowance, load_image
 from .prompts import SYSTEM_PROMPT, Prompt
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -37,6 +50,16 @@ MAX_IMAGES = 16
 DEFAULT_MAX_TOKENS = 1024
 # One request must not hold the server for hours: no P2R pass needs more (the release's longest is 2048).
 MAX_NEW_TOKENS = 32768
+# A generation (one engine call of up to --max-batch requests) stops here: the bound on how long
+# a slow request holds up the ones queued after it.
+MAX_GENERATION_S = 600.0
+MAX_STOP_STRINGS = 16
+# Fields the server reads; `user` is metadata that changes no output.
+_READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+         "repetition_penalty", "stop", "seed", "min_tokens", "user"}  # fmt: skip
+# Other fields are accepted only when null or at these values, which change nothing (clients send some by default).
+_NEUTRAL = {"stream": False, "n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0,
+            "response_format": {"type": "text"}}  # fmt: skip
 
 
 class APIError(Exception):
@@ -51,11 +74,11 @@ class APIError(Exception):
 
 
 def _text(content: Any, where: str) -> str:
-    return "\n".join(_parts(content, where, allow_images=False)[0])
+    return "\n".join(_parts(content, where)[0])
 
 
-def _parts(content: Any, where: str, allow_images: bool = True) -> tuple[list[str], list]:
-    """A message's text parts and decoded images, in order."""
+def _parts(content: Any, where: str, allowance: PixelAllowance | None = None) -> tuple[list[str], list]:
+    """A message's text parts and decoded images, in order; images only when there is an `allowance` to decode them on."""
     if isinstance(content, str):
         return [content], []
     if not isinstance(content, list):
@@ -65,7 +88,7 @@ def _parts(content: Any, where: str, allow_images: bool = True) -> tuple[list[st
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             texts.append(str(part.get("text", "")))
-        elif kind == "image_url" and allow_images:
+        elif kind == "image_url" and allowance is not None:
             if len(images) == MAX_IMAGES:
                 raise APIError(400, f"{where}: more than {MAX_IMAGES} images")
             url = part.get("image_url")
@@ -73,7 +96,7 @@ def _parts(content: Any, where: str, allow_images: bool = True) -> tuple[list[st
             if not isinstance(url, str) or not url.startswith("data:"):
                 raise APIError(400, f"{where}: image {len(images)} must be a data: URL (files and http URLs are not fetched)")
             try:
-                images.append(load_image(url))
+                images.append(load_image(url, allowance))
             except ImageError as exc:
                 raise APIError(400, f"{where}: image {len(images)}: {exc}") from None
         else:
@@ -91,7 +114,7 @@ def to_prompt(messages: Any) -> Prompt:
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise APIError(400, "messages has no user message")
-    texts, images = _parts(messages[users[-1]].get("content"), f"messages[{users[-1]}]")
+    texts, images = _parts(messages[users[-1]].get("content"), f"messages[{users[-1]}]", PixelAllowance())
     return Prompt("\n".join(texts), images, "\n".join(system) if system else SYSTEM_PROMPT)
 
 
@@ -106,18 +129,30 @@ def _number(body: dict, key: str, default: Any, kind: type, minimum: float, maxi
     return kind(value)
 
 
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
+    return tuple(stop)
+
+
 def to_params(body: dict) -> GenParams:
-    """Sampling settings of a chat request; unsupported options are refused, not ignored."""
-    if body.get("stream"):
-        raise APIError(400, "stream is not supported")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported")
+    """Sampling settings of a chat request; options the server does not implement are refused (400), not ignored."""
+    unsupported = sorted(k for k, v in body.items() if k not in _READ and v is not None and _NEUTRAL.get(k, ...) != v)
+    if unsupported:
+        raise APIError(400, f"unsupported option(s): {', '.join(unsupported)} (p2r-serve implements {', '.join(sorted(_READ - {'model', 'messages', 'user'}))})")
     max_key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+    top_k = _number(body, "top_k", 0, int, -1)
     return GenParams(
         max_new_tokens=_number(body, max_key, DEFAULT_MAX_TOKENS, int, 1, MAX_NEW_TOKENS),
         temperature=_number(body, "temperature", 0.0, float, 0.0),
         min_new_tokens=_number(body, "min_tokens", 0, int, 0, MAX_NEW_TOKENS),
         seed=_number(body, "seed", None, int, 0),
+        top_p=_number(body, "top_p", 1.0, float, sys.float_info.min, 1.0),
+        top_k=max(top_k, 0),  # vLLM spells "off" -1
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, sys.float_info.min),
+        stop=_stop(body),
     )
 
 
@@ -128,17 +163,27 @@ class _Job:
     future: asyncio.Future
 
 
+SHUTTING_DOWN = "p2r-serve is shutting down; generation was interrupted"
+
+
 @dataclass
 class MicroBatcher:
-    """Gathers concurrent requests (up to `max_batch`, waiting `wait_s` for more) into one engine call in a worker thread."""
+    """Gathers concurrent requests (up to `max_batch`, waiting `wait_s` for more) into one engine call in a worker thread.
+
+    Jobs run in arrival order; once `stopping` is set (shutdown), every job still waiting or
+    generating is answered with a 503 instead.
+    """
 
     engine: Engine
     max_batch: int = 8
     wait_s: float = 0.005
+    stopping: threading.Event = field(default_factory=threading.Event)
     stats: dict = field(default_factory=lambda: {"requests": 0, "batches": 0, "largest_batch": 0})
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, init=False)
 
     async def generate(self, prompt: Prompt, params: GenParams) -> Generation:
+        if self.stopping.is_set():
+            raise APIError(503, SHUTTING_DOWN, "server_error")
         job = _Job(prompt, params, asyncio.get_running_loop().create_future())
         self.stats["requests"] += 1
         await self._queue.put(job)
@@ -165,13 +210,19 @@ class MicroBatcher:
     async def _run_group(self, params: GenParams, group: list[_Job]) -> None:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
-        try:
-            generations = await asyncio.to_thread(self.engine.generate, [job.prompt for job in group], params)
-        except Exception as exc:  # the engine should isolate failures itself; if it does not, fail this batch only
-            generations = [Generation(error=f"engine failure: {type(exc).__name__}: {exc}") for _ in group]
-        for job, gen in zip(group, generations):
-            if not job.future.done():  # the client may have gone away
-                job.future.set_result(gen)
+        generations: list[Generation] = []
+        if not self.stopping.is_set():
+            try:
+                generations = await asyncio.to_thread(self.engine.generate, [job.prompt for job in group], params)
+            except Exception as exc:  # the engine should isolate failures itself; if it does not, fail this batch only
+                generations = [Generation(error=f"engine failure: {type(exc).__name__}: {exc}") for _ in group]
+        for i, job in enumerate(group):
+            if job.future.done():  # the client went away
+                continue
+            if self.stopping.is_set():  # cut short by the shutdown, or never started
+                job.future.set_exception(APIError(503, SHUTTING_DOWN, "server_error"))
+            else:
+                job.future.set_result(generations[i])
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -188,7 +239,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse(raw: bytes, served_name: str) -> tuple[Prompt, GenParams]:
+@dataclass
+class ChatRequest:
+    """A parsed chat request: its prompt, sampling settings, and whether the client chose the token limit."""
+
+    prompt: Prompt
+    params: GenParams
+    max_tokens_given: bool
+
+
+def _parse(raw: bytes, served_name: str) -> ChatRequest:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
@@ -199,7 +259,55 @@ def _parse(raw: bytes, served_name: str) -> tuple[Prompt, GenParams]:
         raise APIError(
             404, f"model {body.get('model')!r} is not served here; this server serves {served_name!r}", "not_found_error"
         )
-    return to_prompt(body.get("messages")), to_params(body)
+    params = to_params(body)
+    given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+    return ChatRequest(to_prompt(body.get("messages")), params, given)
+
+
+def fit_context(engine: Engine, request: ChatRequest) -> GenParams:
+    """The request's settings once its prompt is known to fit the model's context (400 otherwise, as vLLM answers).
+
+    A prompt that fits with room to spare but not for the default token limit gets the room left.
+    Engines that cannot count a prompt's tokens are not checked.
+    """
+    if not hasattr(engine, "prompt_tokens"):
+        return request.params
+    context = engine.context_length
+    try:
+        prompt = engine.prompt_tokens(request.prompt, limit=context)
+    except ValueError as exc:  # an image the processor cannot size (e.g. its aspect ratio) fails here, before generation
+        raise APIError(400, f"unusable prompt: {exc}") from None
+    params = request.params
+    if prompt >= context:
+        raise APIError(
+            400, f"the prompt is {prompt} tokens (text and images), over this model's context of {context} tokens"
+        )
+    if prompt + params.max_new_tokens > context:
+        if request.max_tokens_given:
+            raise APIError(
+                400,
+                f"this model's context is {context} tokens: the prompt's {prompt} plus max_tokens "
+                f"{params.max_new_tokens} do not fit",
+            )
+        params = dataclasses.replace(params, max_new_tokens=context - prompt)
+    if params.min_new_tokens > params.max_new_tokens:
+        raise APIError(400, f"min_tokens {params.min_new_tokens} is over max_tokens {params.max_new_tokens}")
+    return params
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port (IPv6 literals keep no brackets)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def create_app(
@@ -209,9 +317,18 @@ def create_app(
     max_batch: int = 8,
     batch_wait_s: float = 0.005,
     max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: tuple[str, ...] = ("localhost",),
+    stopping: threading.Event | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models` (bearer key when set) and `/health` (open)."""
-    batcher = MicroBatcher(engine, max_batch, batch_wait_s)
+    """The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models` (bearer key when set) and `/health` (open).
+
+    Without a key, requests other than `/health` must name this server in their Host header
+    (an IP address, or one of `allowed_hosts`; "*" allows any) and POST bodies must be JSON.
+    Setting `stopping` answers every waiting or generating request with a 503.
+    """
+    batcher = MicroBatcher(engine, max_batch, batch_wait_s, stopping or threading.Event())
+    any_host = "*" in allowed_hosts
+    hosts = {h.lower() for h in allowed_hosts}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -228,6 +345,17 @@ def create_app(
 
     def authorize(request: Request) -> None:
         if api_key is None:
+            # No key: what a browser can send from another site must not get through. A page may POST
+            # text/plain or form bodies without a preflight, and a rebound DNS name reaches loopback.
+            name = _hostname(request.headers.get("host", "")).lower()
+            if not (any_host or _is_ip(name) or name in hosts):
+                raise APIError(
+                    403, f"Host {name!r} is not a name of this server (start it with --allowed-hosts {name} or a key)",
+                    "permission_error",
+                )  # fmt: skip
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if request.method == "POST" and kind != "application/json":
+                raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}")
             return
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -243,11 +371,15 @@ def create_app(
         card = {"id": served_name, "object": "model", "created": 0, "owned_by": "p2r-recipe"}
         return {"object": "list", "data": [card]}
 
+    def prepare(raw: bytes) -> tuple[Prompt, GenParams]:
+        request = _parse(raw, served_name)
+        return request.prompt, fit_context(engine, request)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
         authorize(request)
         raw = await _read_body(request, max_body_bytes)
-        prompt, params = await asyncio.to_thread(_parse, raw, served_name)  # image decoding stays off the event loop
+        prompt, params = await asyncio.to_thread(prepare, raw)  # image decoding and tokenising stay off the event loop
         gen = await batcher.generate(prompt, params)
         if gen.error is not None:
             # Failures are isolated per prompt by the engine, so this request itself is what failed.
@@ -269,6 +401,46 @@ def create_app(
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells generation to stop when told to exit (SIGTERM, SIGINT):
+    uvicorn waits for requests in flight, and a generation would otherwise run to its end."""
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event):
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+
+def read_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """The bearer key from --api-key-file, --api-key or $P2R_SERVE_API_KEY (empty there: none); an empty key is an error."""
+    if args.api_key is not None and args.api_key_file is not None:
+        parser.error("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        try:
+            key, mode = path.read_text().strip(), path.stat().st_mode
+        except OSError as exc:
+            parser.error(f"cannot read --api-key-file {path}: {exc.strerror}")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            print(f"p2r-serve: warning: {path} is readable by other users; chmod 600 it.", file=sys.stderr)
+    elif args.api_key is not None:
+        key = args.api_key
+        if key:
+            print(
+                "p2r-serve: warning: a key given with --api-key is visible to every user of this machine (ps); "
+                "set P2R_SERVE_API_KEY or use --api-key-file instead.",
+                file=sys.stderr,
+            )
+    else:
+        return os.environ.get("P2R_SERVE_API_KEY") or None
+    if not key.strip():
+        parser.error("the API key is empty: every client would pass with an empty bearer; give a real key or none")
+    return key
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script `p2r-serve`."""
     parser = argparse.ArgumentParser(prog="p2r-serve", description=__doc__.splitlines()[0])
@@ -276,33 +448,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key",
-        default=os.environ.get("P2R_SERVE_API_KEY") or None,
-        help="require this bearer key (default: $P2R_SERVE_API_KEY)",
+        "--api-key", default=None, help="require this bearer key (visible in ps: prefer $P2R_SERVE_API_KEY or --api-key-file)"
     )
+    parser.add_argument("--api-key-file", default=None, help="read the bearer key from this file (mode 600)")
+    parser.add_argument(
+        "--allowed-hosts", default="localhost",
+        help="without a key: comma-separated Host names accepted besides IP addresses (default: localhost; * for any)",
+    )  # fmt: skip
     parser.add_argument("--served-model-name", default=None, help="model name clients send (default: the model directory's name)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch", type=int, default=8, help="most requests generated together")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body (413 above)")
+    parser.add_argument(
+        "--max-generation-s", type=float, default=MAX_GENERATION_S,
+        help="a generation stops after this long (finish_reason length): how long one slow batch can hold up the next",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    api_key = read_key(args, parser)
     from .engines.hf import HFEngine  # imported here: torch and transformers are slow to import
     from .tiny import is_tiny_model
 
     served = args.served_model_name or Path(args.model.rstrip("/")).name
     if is_tiny_model(args.model):
         print("p2r-serve: this is the tiny random-weight test model; its answers are meaningless.", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
-            f"p2r-serve: warning: listening on {args.host} with no --api-key; anyone who can reach it can use it.",
+            f"p2r-serve: warning: listening on {args.host} with no API key; anyone who can reach it can use it.",
             file=sys.stderr,
         )
-    engine = HFEngine(args.model, device=args.device, dtype=args.dtype, batch_size=args.max_batch)
-    app = create_app(engine, served, args.api_key, args.max_batch, args.batch_wait_ms / 1000, int(args.max_body_mb * 2**20))
+    stopping = threading.Event()
+    engine = HFEngine(
+        args.model, device=args.device, dtype=args.dtype, batch_size=args.max_batch,
+        max_time_s=args.max_generation_s, interrupt=stopping,
+    )  # fmt: skip
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) + (args.host,)
+    app = create_app(
+        engine, served, api_key, args.max_batch, args.batch_wait_ms / 1000, int(args.max_body_mb * 2**20), hosts, stopping
+    )
     print(f"p2r-serve: serving {served!r} at http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_keep_alive=60)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_keep_alive=60,
+        timeout_graceful_shutdown=10,
+    )  # fmt: skip
+    _Server(config, stopping).run()
 
 
 if __name__ == "__main__":

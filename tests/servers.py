@@ -55,10 +55,9 @@ def start_p2r_serve(
     """Run the real `p2r-serve` console script on 127.0.0.1 until `/health` answers; kill it on exit."""
     port = port or free_port()
     cmd = [*_serve_command(), "--model", str(model_dir), "--port", str(port), "--served-model-name", served_name]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    # Only --api-key decides, whatever the caller's shell has; tests never reach the hub.
-    env = {**os.environ, "P2R_SERVE_API_KEY": "", "HF_HUB_OFFLINE": "1"}
+    # The key travels by environment, never argv; only `api_key` decides, whatever the caller's shell has.
+    # Tests never reach the hub.
+    env = {**os.environ, "P2R_SERVE_API_KEY": api_key or "", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([*cmd, *extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
 

@@ -77,7 +77,7 @@ def test_p2r_serve_warns_when_told_to_listen_everywhere_without_a_key(tmp_path):
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode != 0  # no model there: it stops after the warning
-    assert "listening on 0.0.0.0 with no --api-key" in result.stderr
+    assert "listening on 0.0.0.0 with no API key" in result.stderr
 
 
 def test_launchers_and_clients_default_to_loopback():

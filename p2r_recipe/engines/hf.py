@@ -13,6 +13,7 @@ processes on the same machine reuse the compiled kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -223,14 +224,25 @@ class HFEngine:
         config = getattr(self.model.config, "text_config", self.model.config)
         return int(config.max_position_embeddings)
 
-    def prompt_tokens(self, prompt: Prompt) -> int:
-        """Tokens `prompt` takes in the context, text plus image tokens, without processing any pixels."""
+    def prompt_tokens(self, prompt: Prompt, limit: int | None = None) -> int:
+        """Tokens `prompt` takes in the context, text plus image tokens, without processing any pixels.
+
+        A text so long that it must pass `limit` is not tokenised (that could hold the GIL for
+        minutes): the answer is then a lower bound that is over `limit`.
+        """
         text = self.processor.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
+        if limit is not None and len(text) > limit * self._longest_token:
+            return len(text) // self._longest_token
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         image = self.processor.image_processor
         patches = [image.get_number_of_image_patches(im.height, im.width, {}) for im in prompt.images]
         # The template holds one placeholder token per image; the processor expands it to the image's tokens.
         return len(ids) - len(patches) + sum(n // image.merge_size**2 for n in patches)
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        """Most characters one token stands for (vocabulary entries are at least as long as their text)."""
+        return max(len(token) for token in self.processor.tokenizer.get_vocab())
 
     def encode(self, prompts: list[Prompt]) -> BatchFeature:
         """Model inputs for a batch: chat-templated, left-padded, images in prompt order at their own size."""
