@@ -46,9 +46,12 @@ from ..journal import Journal
 from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline, Record, Sample
 from ..prompts import MODES
 from ..tiny import is_tiny_model
-from . import envelope
+from . import envelope, registration
 
 ANSWER_FORM_KEY = "p2r_answer_form"
+# Where the openai backend's key comes from by default: a key in --model_args ends up in argv and in
+# what lmms-eval prints (the CLI takes it out; see registration.take_cli_key).
+API_KEY_ENV = "P2R_API_KEY"
 # Option lines of a multiple-choice question: "A. red", "(B) blue", "C) green".
 _OPTION = re.compile(r"^\s*\(?([A-F])(?:\)|\.|\s)", re.MULTILINE)
 
@@ -97,7 +100,8 @@ class P2R(lmms):
     into RGB. Extra model args go to the backend's engine as they are (e.g.
     `tensor_parallel_size` for vllm, `timeout_s` for openai), except vllm's `data_parallel_size`:
     the number of processes (see the module docstring). `batch_size` (lmms-eval's `--batch_size`)
-    is the hf batch; vllm and openai keep `concurrency` samples in flight, per process.
+    is the hf batch; vllm and openai keep `concurrency` samples in flight, per process. The openai
+    backend's key is `api_key`, else $P2R_API_KEY (`api_key_env` names another variable).
     """
 
     is_simple = True
@@ -109,6 +113,7 @@ class P2R(lmms):
         backend: str = "auto",
         base_url: str | None = None,
         api_key: str | None = None,
+        api_key_env: str = API_KEY_ENV,
         served_model: str | None = None,
         max_pixels: int = 4096 * 32 * 32,
         min_pixels: int = 16 * 32 * 32,
@@ -161,6 +166,7 @@ class P2R(lmms):
             model = served_model or pretrained
             if not (base_url and model):
                 raise ValueError("p2r: backend=openai needs base_url and served_model (or pretrained)")
+            api_key = api_key or registration.cli_api_key or os.environ.get(api_key_env) or None
             engine_kwargs.update(base_url=base_url, model=model, api_key=api_key, concurrency=int(concurrency))
         elif pretrained is None:
             raise ValueError("p2r: pretrained is required (a hub id, a local directory, or p2r-tiny)")

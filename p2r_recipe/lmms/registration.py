@@ -11,10 +11,16 @@ ours, offline-scored, not lmms-eval's GPT-judged group); for any other model lmm
 own rule stands and our tasks only add names. Not covered: `lmms-eval tasks list` (the
 subcommand never imports lmms_eval.models); `lmms-eval --tasks list` is.
 tests/test_lmms_registration.py fails if a new lmms-eval breaks any of this.
+
+`manifest()` also takes an `api_key=` out of `--model p2r`'s `--model_args` before lmms-eval
+parses its command line (see `take_cli_key`): lmms-eval 0.7.3 redacts keys in the results
+file but prints the model args verbatim, names W&B runs after them and hashes them into its
+response cache.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 MODEL_ID = "p2r"
@@ -47,10 +53,39 @@ def index_our_tasks() -> None:
     TaskManager.initialize_tasks = initialize_tasks
 
 
+# The key `take_cli_key` took out of this process's command line; the model uses it before $P2R_API_KEY.
+cli_api_key: str | None = None
+
+
+def take_cli_key(argv: list[str]) -> None:
+    """Remove `api_key=...` from the `--model_args` of a `--model p2r` command line, in place, keeping it in
+    `cli_api_key`. lmms-eval loads this entry point before it parses `sys.argv`, so nothing it prints,
+    writes or hashes holds the key (the kernel's copy of the command line still does: prefer $P2R_API_KEY)."""
+    global cli_api_key
+    model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), None)
+    model = model or next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
+    if model != MODEL_ID:
+        return
+    for i, arg in enumerate(argv):
+        flag, value = ("--model_args", argv[i + 1]) if arg == "--model_args" and i + 1 < len(argv) else arg.partition("=")[::2]
+        if flag != "--model_args":
+            continue
+        pairs = value.split(",")
+        keys = [p.split("=", 1)[1] for p in pairs if p.strip().startswith("api_key=")]
+        if keys:
+            cli_api_key = keys[-1]
+            kept = ",".join(p for p in pairs if not p.strip().startswith("api_key="))
+            if arg == "--model_args":
+                argv[i + 1] = kept
+            else:
+                argv[i] = f"--model_args={kept}"
+
+
 def manifest():
     """Entry point of group `lmms_eval.models`: the `p2r` model (a simple model class)."""
     # Imported here: importing lmms_eval.models is what loads this entry point.
     from lmms_eval.models.registry_v2 import ModelManifest
 
+    take_cli_key(sys.argv)
     index_our_tasks()
     return ModelManifest(model_id=MODEL_ID, simple_class_path=MODEL_CLASS)
