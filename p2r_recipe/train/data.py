@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from p2r_recipe import prompts
-from p2r_recipe.images import TRAIN_BUDGET, ImageError, encode_image, fit_to_budget, load_image
+from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelAllowance, encode_image, fit_to_budget, load_image
 
 HUB_ID = "hongxingli/P2R-10k"
 ROLES = ("perceiver", "reasoner")
@@ -189,8 +189,8 @@ class ImageStore:
         self.root = Path(image_root).resolve() if image_root else None
         self.folder = out_dir.resolve() / "images"
 
-    def files(self, ref: Any) -> tuple[Path, Path]:
-        """The verified original and its fitted copy for one image reference, or RowError."""
+    def files(self, ref: Any, allowance: PixelAllowance | None = None) -> tuple[Path, Path]:
+        """The verified original and its fitted copy for one image reference, or RowError; `allowance` is the row's pixel budget."""
         if isinstance(ref, dict):
             ref = ref.get("bytes") or ref.get("path")
         embedded = isinstance(ref, (bytes, bytearray))
@@ -200,7 +200,7 @@ class ImageStore:
         except OSError as exc:  # unreadable (permissions) or gone since it was checked
             raise RowError("missing_image", f"cannot read {original}: {exc.strerror}") from None
         try:  # a full decode: truncated files fail here, not in the middle of training
-            fitted = fit_to_budget(load_image(data), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
+            fitted = fit_to_budget(load_image(data, allowance), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
         except ImageError as exc:
             raise RowError("corrupt_image", str(exc)) from None
         digest = hashlib.sha256(data).hexdigest()
@@ -251,7 +251,7 @@ def to_sample(row: dict, index: int, store: ImageStore) -> TrainSample:
     if len(refs) != 1:
         # P2R perceives one image; the evidence rules are defined for exactly one.
         raise RowError("image_count", f"expected 1 image, got {len(refs)}")
-    original, fitted = store.files(refs[0])
+    original, fitted = store.files(refs[0], PixelAllowance())  # one budget for all of a row's images
     sample_id = extra.get("index", row.get("id", index))
     return TrainSample(
         id=str(sample_id), question=question, answer=answer, answer_form=form, image=str(original),
