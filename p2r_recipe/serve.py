@@ -56,7 +56,7 @@ MAX_GENERATION_S = 600.0
 MAX_STOP_STRINGS = 16
 # Fields the server reads; `user` is metadata that changes no output.
 _READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-         "repetition_penalty", "stop", "seed", "min_tokens", "user"}  # fmt: skip
+         "repetition_penalty", "stop", "seed", "min_tokens", "user", "chat_template_kwargs"}  # fmt: skip
 # Other fields are accepted only when null or at these values, which change nothing (clients send some by default).
 _NEUTRAL = {"stream": False, "n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0,
             "response_format": {"type": "text"}}  # fmt: skip
@@ -141,17 +141,22 @@ def to_params(body: dict) -> GenParams:
     """Sampling settings of a chat request; options the server does not implement are refused (400), not ignored."""
     unsupported = sorted(k for k, v in body.items() if k not in _READ and v is not None and _NEUTRAL.get(k, ...) != v)
     if unsupported:
-        raise APIError(400, f"unsupported option(s): {', '.join(unsupported)} (p2r-serve implements {', '.join(sorted(_READ - {'model', 'messages', 'user'}))})")
+        implemented = ", ".join(sorted(_READ - {"model", "messages", "user", "chat_template_kwargs"}))
+        raise APIError(400, f"unsupported option(s): {', '.join(unsupported)} (p2r-serve implements {implemented})")
     max_key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
-    top_k = _number(body, "top_k", 0, int, -1)
+    positive = {key: _number(body, key, 1.0, float, 0.0, 1.0 if key == "top_p" else float("inf"))
+                for key in ("top_p", "repetition_penalty")}  # fmt: skip
+    for key, value in positive.items():
+        if value <= 0:
+            raise APIError(400, f"{key} must be greater than 0")
     return GenParams(
         max_new_tokens=_number(body, max_key, DEFAULT_MAX_TOKENS, int, 1, MAX_NEW_TOKENS),
         temperature=_number(body, "temperature", 0.0, float, 0.0),
         min_new_tokens=_number(body, "min_tokens", 0, int, 0, MAX_NEW_TOKENS),
         seed=_number(body, "seed", None, int, 0),
-        top_p=_number(body, "top_p", 1.0, float, sys.float_info.min, 1.0),
-        top_k=max(top_k, 0),  # vLLM spells "off" -1
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, sys.float_info.min),
+        top_p=positive["top_p"],
+        top_k=max(_number(body, "top_k", 0, int, -1), 0),  # vLLM spells "off" -1
+        repetition_penalty=positive["repetition_penalty"],
         stop=_stop(body),
     )
 
@@ -246,6 +251,7 @@ class ChatRequest:
     prompt: Prompt
     params: GenParams
     max_tokens_given: bool
+    template_kwargs: dict = field(default_factory=dict)
 
 
 def _parse(raw: bytes, served_name: str) -> ChatRequest:
@@ -261,7 +267,22 @@ def _parse(raw: bytes, served_name: str) -> ChatRequest:
         )
     params = to_params(body)
     given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
-    return ChatRequest(to_prompt(body.get("messages")), params, given)
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise APIError(400, "chat_template_kwargs must be an object")
+    return ChatRequest(to_prompt(body.get("messages")), params, given, template_kwargs)
+
+
+def check_template_kwargs(engine: Engine, kwargs: dict) -> None:
+    """Refuse `chat_template_kwargs` (a vLLM extension) unless the model's chat template never reads them.
+
+    p2r-serve always renders the template without them; a variable the template does not
+    mention (e.g. `enable_thinking` for an Instruct checkpoint) changes nothing, so it passes.
+    """
+    template = getattr(getattr(engine, "processor", None), "chat_template", None)
+    used = sorted(k for k in kwargs if template is None or k in template)
+    if used:
+        raise APIError(400, f"unsupported option: chat_template_kwargs {', '.join(used)} (this model's chat template reads it)")
 
 
 def fit_context(engine: Engine, request: ChatRequest) -> GenParams:
@@ -373,6 +394,7 @@ def create_app(
 
     def prepare(raw: bytes) -> tuple[Prompt, GenParams]:
         request = _parse(raw, served_name)
+        check_template_kwargs(engine, request.template_kwargs)
         return request.prompt, fit_context(engine, request)
 
     @app.post("/v1/chat/completions")
