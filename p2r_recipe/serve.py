@@ -301,7 +301,7 @@ def fit_context(engine: Engine, request: ChatRequest) -> GenParams:
     params = request.params
     if prompt >= context:
         raise APIError(
-            400, f"the prompt is {prompt} tokens (text and images), over this model's context of {context} tokens"
+            400, f"the prompt is at least {prompt} tokens (text and images), over this model's context of {context} tokens"
         )
     if prompt + params.max_new_tokens > context:
         if request.max_tokens_given:
