@@ -96,7 +96,7 @@ def _parts(content: Any, where: str, allowance: PixelAllowance | None = None) ->
             if not isinstance(url, str) or not url.startswith("data:"):
                 raise APIError(400, f"{where}: image {len(images)} must be a data: URL (files and http URLs are not fetched)")
             try:
-                images.append(load_image(url, allowance))
+                images.append(load_image(url, allowance=allowance))
             except ImageError as exc:
                 raise APIError(400, f"{where}: image {len(images)}: {exc}") from None
         else:

@@ -198,13 +198,13 @@ def test_images_that_decode_to_too_many_pixels_together_are_400(keyless):
 
 def test_the_pixel_allowance_is_charged_from_headers_before_decoding():
     allowance = PixelAllowance(1000)
-    load_image(png((20, 20)), allowance)
+    load_image(png((20, 20)), allowance=allowance)
     assert allowance.left == 600
     with pytest.raises(ImageError, match="images too large together"):
-        load_image(png((30, 30)), allowance)
+        load_image(png((30, 30)), allowance=allowance)
     assert allowance.left == 600  # the refused image took nothing
     with pytest.raises(ImageError, match="images too large together"):
-        load_image(Image.new("RGB", (25, 25)), allowance)  # decoded images count too
+        load_image(Image.new("RGB", (25, 25)), allowance=allowance)  # decoded images count too
 
 
 # --- 3. formats ----------------------------------------------------------------------------------
