@@ -92,7 +92,7 @@ class Table:
 def display_model(pretrained: str) -> str:
     """The last path component of `pretrained`; the offline tiny model is flagged as random."""
     name = pretrained.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    return "p2r-tiny (random weights)" if name in TINY_NAMES else name
+    return "p2r-tiny (toy)" if name in TINY_NAMES else name
 
 
 def parse_model_args(model_args: object) -> dict[str, str]:

@@ -1,8 +1,10 @@
-"""Builds a tiny random-weight Qwen3-VL, fully offline, for tests and the embedded demo; its answers are meaningless."""
+"""The tiny offline Qwen3-VL: `p2r-tiny` is a toy trained on synthetic scenes (weights shipped in the
+package, retrained by `p2r-build-tiny --train`); `build_tiny_model` builds random weights for tests."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,10 +23,12 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from p2r_recipe import prompts
+from p2r_recipe import prompts, scenes
 
 TINY_MODEL_NAME = "p2r-tiny"
 _MARKER = ".p2r-tiny-complete"
+# The trained toy's files, written by `p2r-build-tiny --train` and shipped as package data.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "tiny_weights"
 _MAX_POSITIONS = 32768
 # Ids follow Qwen's order; <think> tags are ordinary added tokens as in Qwen3, so decoding
 # with skip_special_tokens=True keeps them.
@@ -58,6 +62,12 @@ _CORPUS = [
     "<think> The image shows two dogs, so the answer is 2. </think> <answer> 2 </answer>",
     "Question: How many dogs are there?\nA. 1\nB. 2\nC. 3\nD. 4\n0.5 3.14 42 100%",
     *(f"{w} {w}s {w.capitalize()} {w.upper()}" for w in _WORDS.split()),
+    *(q.format(colour=c) for q in scenes.QUESTIONS for c in scenes.PALETTE),
+    *(f"({letter}) {p}\n{letter}. {p}\n" for letter in "ABCD" for p in scenes.PATTERNS),
+    *(f"<think>The {c} tile has {p}, option {letter}.</think><answer>{letter}</answer>"
+      for c in scenes.PALETTE for p in scenes.PATTERNS for letter in "ABCD"),
+    *(f"<think>The {c} tile is too small to see its pattern.</think>" for c in scenes.PALETTE),
+    "Options:\n", "Answer with the option's letter from the given choices directly.",
 ]  # fmt: skip
 # Qwen's VL chat template, minus tools: only the given messages, images where they appear.
 CHAT_TEMPLATE = (
@@ -75,6 +85,13 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+_TRAINED_README = """# p2r-tiny: a toy Qwen3-VL trained on synthetic scenes
+
+Trained offline on the CPU by `p2r-build-tiny --train` (p2r_recipe.tiny_train) on the toy
+scenes of p2r_recipe.scenes: it locates a coloured tile, reads its stripe pattern from a
+crop, and answers in the release's formats. It knows nothing else: its scores on the
+embedded demo show the P2R pipeline working, they are not a benchmark result.
+"""
 _README = """# p2r-tiny: random-weight tiny Qwen3-VL
 
 Built offline by `p2r-build-tiny` (p2r_recipe.tiny) for tests and the embedded demo.
@@ -118,13 +135,13 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10], "mrope_interleaved": True}
     text = {
-        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "rope_parameters": rope,
         "max_position_embeddings": _MAX_POSITIONS, "tie_word_embeddings": True,
         "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad,
     }  # fmt: skip
     vision = {
-        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 128,
         "num_position_embeddings": 256, "deepstack_visual_indexes": [1],
     }  # fmt: skip
@@ -148,25 +165,57 @@ def _write(out: Path, seed: int) -> None:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "README.md").write_text(_README)
-    (out / _MARKER).write_text(f"seed={seed}\n")
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model into `out_dir` (atomically) unless a complete build is already there."""
+def _build_atomically(out_dir: str | Path, stamp: str, write) -> Path:
+    """Run `write(tmp)` and rename tmp to `out_dir`, unless `out_dir` already holds a build stamped `stamp`.
+    A build with another stamp (e.g. an older model cached at the same path) is replaced."""
     out = Path(out_dir).expanduser().resolve()
-    if (out / _MARKER).exists():
+    marker = out / _MARKER
+    if marker.exists() and marker.read_text() == stamp:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stale = None
     try:
-        _write(tmp, seed)
+        write(tmp)
+        (tmp / _MARKER).write_text(stamp)
+        if marker.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale.", dir=out.parent))
+            os.rename(out, stale / "old")
         os.rename(tmp, out)  # atomic; replaces out only if it is an empty directory
     except OSError:
-        if not (out / _MARKER).exists():  # not a concurrent builder winning the race
+        if not (marker.exists() and marker.read_text() == stamp):  # not a concurrent builder winning the race
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     return out
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the random-weight tiny model into `out_dir` (atomically) unless that build is already there."""
+    return _build_atomically(out_dir, f"seed={seed}\n", lambda tmp: _write(tmp, seed))
+
+
+def _weights_stamp() -> str:
+    digest = hashlib.sha256((WEIGHTS_DIR / "model.safetensors").read_bytes()).hexdigest()
+    return f"trained={digest}\n"
+
+
+def _write_trained(out: Path) -> None:
+    for path in WEIGHTS_DIR.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, out / path.name)
+    (out / "README.md").write_text(_TRAINED_README)
+
+
+def install_trained_model(out_dir: str | Path) -> Path:
+    """The shipped trained toy, copied into `out_dir` (atomically) unless that exact copy is already there."""
+    if not (WEIGHTS_DIR / "model.safetensors").exists():
+        raise FileNotFoundError(f"no trained tiny weights in {WEIGHTS_DIR}; run `p2r-build-tiny --train`")
+    return _build_atomically(out_dir, _weights_stamp(), _write_trained)
 
 
 def default_tiny_dir() -> Path:
@@ -175,12 +224,12 @@ def default_tiny_dir() -> Path:
 
 
 def ensure_tiny_model() -> Path:
-    """The default tiny model directory, built on first use."""
-    return build_tiny_model(default_tiny_dir())
+    """The default tiny model directory: the shipped trained toy, installed on first use."""
+    return install_trained_model(default_tiny_dir())
 
 
 def is_tiny_model(name: str) -> bool:
-    """Whether `name` is `p2r-tiny` or a directory this module built: its answers are meaningless."""
+    """Whether `name` is `p2r-tiny` or a directory this module built: a toy, its scores are no benchmark result."""
     return name == TINY_MODEL_NAME or (Path(name) / _MARKER).exists()
 
 
@@ -193,10 +242,23 @@ def main(argv: list[str] | None = None) -> None:
     """Console script `p2r-build-tiny`."""
     parser = argparse.ArgumentParser(prog="p2r-build-tiny", description=__doc__)
     parser.add_argument("--out", type=Path, help="default: $P2R_TINY_DIR, else ~/.cache/p2r_recipe/tiny-qwen3-vl")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random", action="store_true", help="random weights (for tests) instead of the trained toy")
+    parser.add_argument("--seed", type=int, default=0, help="with --random: the initialisation seed")
+    parser.add_argument("--train", action="store_true",
+                        help=f"retrain the toy from scratch on the CPU and write its weights to {WEIGHTS_DIR}")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=None, help="with --train: optimiser steps")
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.out or default_tiny_dir(), seed=args.seed))
-    print("The weights are random: the model's answers are meaningless.")
+    if args.train:
+        from .tiny_train import STEPS, train
+
+        print(train(WEIGHTS_DIR, steps=args.steps or STEPS))
+    out = args.out or default_tiny_dir()
+    if args.random:
+        print(build_tiny_model(out, seed=args.seed))
+        print("The weights are random: the model's answers are meaningless.")
+    else:
+        print(install_trained_model(out))
+        print("A toy trained on synthetic scenes: its demo scores are not a benchmark result.")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p2r_recipe import demo
+from p2r_recipe import demo, scenes
 from p2r_recipe.benchmarks import HRBENCH, VSTAR
-from p2r_recipe.images import load_image
+from p2r_recipe.evidence import Box, crop_rect
+from p2r_recipe.images import PixelBudget, load_image
 
 STRING = pa.string()
 SCHEMAS = {
@@ -66,35 +67,19 @@ def test_text_columns_regenerate_identically(split):
         assert {k: v for k, v in doc.items() if k != "image"} == {k: v for k, v in fresh.items() if k != "image"}
 
 
-def _colour_at(pixels: np.ndarray, shape: demo.Shape) -> str:
-    names = [name for name, rgb in demo.PALETTE.items() if tuple(pixels[shape.y, shape.x]) == rgb]
-    assert len(names) == 1, f"pixel at the {shape.kind}'s centre is {pixels[shape.y, shape.x]}, no palette colour"
-    return names[0]
-
-
-def _expected_answer(question: str, shapes: list[demo.Shape], colour) -> str:
-    """Answer the question from the shapes' positions and the colours read off the pixels."""
-    by_kind = {s.kind: s for s in shapes}
-    kinds = "|".join(demo.KINDS)
-    if m := re.fullmatch(rf"What is the color of the ({kinds})\?", question):
-        return colour(by_kind[m[1]])
-    if m := re.fullmatch(r"Which shape is drawn in (\w+)\?", question):
-        (match,) = [s for s in shapes if colour(s) == m[1]]
-        return match.kind
-    if m := re.fullmatch(rf"Is the (\w+) ({kinds}) on the left or right side of the (\w+) ({kinds})\?", question):
-        a, b = by_kind[m[2]], by_kind[m[4]]
-        assert (colour(a), colour(b)) == (m[1], m[3])
-        return "left" if a.x < b.x else "right"
-    if m := re.fullmatch(rf"Which object is closer to the top of the image, the (\w+ ({kinds})) or the (\w+ ({kinds}))\?",
-                         question):  # fmt: skip
-        a, b = by_kind[m[2]], by_kind[m[4]]
-        assert (f"{colour(a)} {a.kind}", f"{colour(b)} {b.kind}") == (m[1], m[3])
-        return f"the {m[1]}" if a.y < b.y else f"the {m[3]}"
-    if m := re.fullmatch(rf"What are the colors of the ({kinds}) and the ({kinds}), respectively\?", question):
-        return f"{colour(by_kind[m[1]])} and {colour(by_kind[m[2]])}"
-    if m := re.fullmatch(r"How many (\w+) shapes are there in the image\?", question):
-        return str(sum(colour(s) == m[1] for s in shapes))
-    raise AssertionError(f"no checker for {question!r}")
+def _read_pattern(pixels: np.ndarray, tile: scenes.Tile, width: int, height: int) -> tuple[str, str]:
+    """The tile's colour and pattern as read off the pixels: the one palette colour inside its rectangle,
+    and the one pattern whose mask matches where that colour is."""
+    x0, y0, x1, y1 = tile.pixels(width, height)
+    region = pixels[y0:y1, x0:x1]
+    white = (region == scenes.WHITE).all(axis=-1)
+    colours = [name for name, rgb in scenes.PALETTE.items() if ((region == rgb).all(axis=-1) | white).all()]
+    assert len(colours) == 1, f"tile at {tile.bbox_2d} holds pixels other than white and one palette colour"
+    s = scenes.stripe_width(width)
+    v, u = np.ogrid[0 : y1 - y0, 0 : x1 - x0]
+    matches = [p for p in scenes.PATTERNS if np.array_equal(~white, np.broadcast_to(scenes._pattern_mask(p, u, v, s), white.shape))]
+    assert len(matches) == 1
+    return colours[0], matches[0]
 
 
 @pytest.mark.parametrize(("split", "index"), CASES, ids=[f"{s}-{i}" for s, i in CASES])
@@ -107,32 +92,57 @@ def test_image_regenerates_and_its_answer_holds_in_the_pixels(split, index):
     assert image.size == (q.width, q.height)
     assert np.array_equal(pixels, np.asarray(demo.render(q))), "stored image differs from a fresh render"
 
-    shapes = list(q.shapes)
-    assert len({s.kind for s in shapes}) == len(shapes), "shape kinds must be unique so questions name one object"
-    # Every saturated pixel belongs to a listed shape: nothing hidden could change an answer.
+    read = [_read_pattern(pixels, tile, q.width, q.height) for tile in q.scene.tiles]
+    assert len({colour for colour, _ in read}) == len(read), "tile colours must be unique so a question names one tile"
+    # Every saturated pixel belongs to a listed tile: nothing hidden could change an answer.
     codes = pixels[..., 0].astype(np.int32)
     for channel in (1, 2):
         codes <<= 8
         codes |= pixels[..., channel]
-    saturated = np.isin(codes, [(r << 16) | (g << 8) | b for r, g, b in demo.PALETTE.values()])
-    for s in shapes:
-        assert saturated[s.y - s.r : s.y + s.r + 1, s.x - s.r : s.x + s.r + 1].sum() > s.r * s.r
-        saturated[s.y - s.r : s.y + s.r + 1, s.x - s.r : s.x + s.r + 1] = False
+    saturated = np.isin(codes, [(r << 16) | (g << 8) | b for r, g, b in scenes.PALETTE.values()])
+    for tile in q.scene.tiles:
+        x0, y0, x1, y1 = tile.pixels(q.width, q.height)
+        saturated[y0:y1, x0:x1] = False
     assert not saturated.any()
-    # Targets keep a radius of at least 10 px at Qwen's default 4096*32*32 pixel budget.
-    scale = min(1.0, (4096 * 32 * 32 / (q.width * q.height)) ** 0.5)
-    assert min(s.r for s in shapes) * scale >= 10
 
+    (colour,) = re.findall(r"the (\w+) tile", q.question)
+    (pattern,) = [p for c, p in read if c == colour]
     options = option_texts(split, doc)
     truth = benchmark.answer(doc)
-    assert options[truth] == _expected_answer(q.question, shapes, functools.partial(_colour_at, pixels))
-    assert list(options.values()).count(options[truth]) == 1
+    assert options[truth] == pattern
+    assert sorted(options.values()) == sorted(scenes.PATTERNS)
+
+
+def test_patterns_blur_away_at_the_main_jobs_budget_and_show_in_the_crop():
+    """The demo's premise, measured: at 262,144 pixels a tile is nearly flat, in its padded crop it is striped."""
+    budget = PixelBudget(max_pixels=262_144, crop_max_pixels=262_144)
+    for split in demo.SPLITS:
+        q = demo.questions(split)[0]
+        image = demo.render(q)
+        box = Box(tuple(map(float, q.target.bbox_2d)))
+        whole, crop = budget.fit([image, image.crop(crop_rect(box, q.width, q.height))])
+
+        def spread(im, rect):
+            inner = np.asarray(im.crop(rect).convert("L"), dtype=float)
+            return inner[2:-2, 2:-2].std()
+
+        wx0, wy0, wx1, wy1 = q.target.pixels(whole.width, whole.height)
+        cw, ch = crop.size
+        # the tile sits in the middle third of its crop
+        assert spread(whole, (wx0, wy0, wx1, wy1)) < 0.35 * spread(crop, (cw * 2 // 5, ch * 2 // 5, cw * 3 // 5, ch * 3 // 5))
+
+
+def test_demo_seeds_never_train_the_tiny_model():
+    from p2r_recipe.tiny_train import SCENE_SEED_BASE
+
+    seeds = [demo.question_seed(split, q.index) for split in demo.SPLITS for q in demo.questions(split)]
+    assert min(seeds) > SCENE_SEED_BASE + 10**8
 
 
 def test_question_text_goes_through_the_adapters():
     vstar_doc, hr_doc = stored("vstar")[1], stored("hrbench_4k")[0]
     assert VSTAR.question(vstar_doc) == vstar_doc["text"].rsplit("\n", 1)[0]
-    assert re.search(r"\n\(A\) (left|right)\n\(B\) (left|right)$", VSTAR.question(vstar_doc))
+    assert re.search(r"\n\(A\) [a-z ]+\n\(B\) [a-z ]+\n\(C\) [a-z ]+\n\(D\) [a-z ]+$", VSTAR.question(vstar_doc))
     assert HRBENCH.question(hr_doc).startswith(hr_doc["question"] + "\nOptions:\nA. ")
 
 

@@ -95,8 +95,8 @@ def test_runs_grouped_by_model_and_mode_newest_file_wins_per_task(collected) -> 
         ("Qwen3-VL-4B-Instruct", "default"),
         ("Qwen3-VL-4B-Instruct", "p2r"),
         ("p2r-4b-step200", "p2r"),
-        ("p2r-tiny (random weights)", "default"),
-        ("p2r-tiny (random weights)", "p2r"),
+        ("p2r-tiny (toy)", "default"),
+        ("p2r-tiny (toy)", "p2r"),
     }
     p2r = runs["Qwen3-VL-4B-Instruct", "p2r"]
     assert p2r["vstar"].file == str(QWEN / "20250303_120000_results.json")
@@ -127,8 +127,8 @@ def test_demo_tasks_get_their_own_table_and_the_tiny_model_is_flagged(collected)
     tables = tables_by_name(lb.build_tables(collected[0]))
     assert list(tables) == ["main", "demo", "mme_lite"]
     demo = tables["demo"]
-    assert [(r.model, r.mode) for r in demo.rows] == [("p2r-tiny (random weights)", m) for m in ("default", "p2r")]
-    assert row(demo, "p2r-tiny (random weights)", "p2r").values["Avg"] == pytest.approx((37.5 + 37.5 + 12.5) / 3)
+    assert [(r.model, r.mode) for r in demo.rows] == [("p2r-tiny (toy)", m) for m in ("default", "p2r")]
+    assert row(demo, "p2r-tiny (toy)", "p2r").values["Avg"] == pytest.approx((37.5 + 37.5 + 12.5) / 3)
     assert not any("tiny" in r.model for r in tables["main"].rows)
     assert "not comparable" in demo.title
 
@@ -141,7 +141,7 @@ def test_missing_cells_print_as_dash_never_zero(collected) -> None:
     (line,) = [ln for ln in markdown.splitlines() if ln.startswith("| p2r-4b-step200 ")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3:13] == ["88.0", "-", "87.0", "-", "-", "-", "-", "-", "-", "-"]
-    (tiny_p2r,) = [ln for ln in markdown.splitlines() if ln.startswith("| p2r-tiny (random weights) | p2r ")]
+    (tiny_p2r,) = [ln for ln in markdown.splitlines() if ln.startswith("| p2r-tiny (toy) | p2r ")]
     assert " 0.0 |" in tiny_p2r  # a real zero stays a zero
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from p2r_recipe import prompts
-from p2r_recipe.tiny import TINY_MODEL_NAME, build_tiny_model, main, resolve_pretrained
+from p2r_recipe.tiny import TINY_MODEL_NAME, WEIGHTS_DIR, build_tiny_model, install_trained_model, main, resolve_pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -127,10 +127,35 @@ def test_generation_is_the_same_across_builds(tmp_path: Path, tiny_model_dir: Pa
     assert torch.equal(first, second)
 
 
-def test_resolve_pretrained_and_cli(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setenv("P2R_TINY_DIR", str(tiny_model_dir))
-    assert resolve_pretrained(TINY_MODEL_NAME) == str(tiny_model_dir)
+def test_resolve_pretrained_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("P2R_TINY_DIR", str(tmp_path / "cache"))
+    resolved = Path(resolve_pretrained(TINY_MODEL_NAME))
+    assert resolved == tmp_path / "cache"
+    assert (resolved / "model.safetensors").read_bytes() == (WEIGHTS_DIR / "model.safetensors").read_bytes()
+    assert "trained on synthetic scenes" in (resolved / "README.md").read_text()
     assert resolve_pretrained("Qwen/Qwen3-VL-4B-Instruct") == "Qwen/Qwen3-VL-4B-Instruct"
     main([])
     printed = capsys.readouterr().out
-    assert str(tiny_model_dir) in printed and "meaningless" in printed
+    assert str(resolved) in printed and "not a benchmark result" in printed
+    main(["--random", "--out", str(tmp_path / "random")])
+    assert "meaningless" in capsys.readouterr().out
+
+
+def test_an_older_build_at_the_default_path_is_replaced_by_the_trained_toy(tmp_path: Path) -> None:
+    stale = build_tiny_model(tmp_path / "cache", seed=0)
+    assert install_trained_model(stale) == stale
+    assert (stale / "model.safetensors").read_bytes() == (WEIGHTS_DIR / "model.safetensors").read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_shipped_weights_are_small_half_precision_and_package_data() -> None:
+    import tomllib
+
+    from safetensors import safe_open
+
+    path = WEIGHTS_DIR / "model.safetensors"
+    assert path.stat().st_size < 5e6
+    with safe_open(path, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert "tiny_weights/*" in pyproject["tool"]["setuptools"]["package-data"]["p2r_recipe"]
