@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
 
     served = args.served_model_name or Path(args.model.rstrip("/")).name
     if is_tiny_model(args.model):
-        print("p2r-serve: this is the tiny toy model (trained on synthetic scenes only); its answers are no benchmark result.", flush=True)
+        print("p2r-serve: the offline tiny toy model (random, or trained on synthetic scenes only).", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
             f"p2r-serve: warning: listening on {args.host} with no API key; anyone who can reach it can use it.",

@@ -48,7 +48,7 @@ def test_three_modes_on_the_demo_with_the_tiny_model(tmp_path, tiny_model_dir, m
     outputs = evaluate(tmp_path, f"pretrained={tiny_model_dir},mode={mode},{FAST}")
     check_metrics(outputs, mode, limit=2)
     assert f"mode={mode}" in outputs.results["config"]["model_args"]
-    assert "tiny random-weight test model: its answers and scores are meaningless" in outputs.log
+    assert "tiny toy model (random, or trained on synthetic scenes only): its scores are not a benchmark result" in outputs.log
     for task in CATEGORIES:
         records = [envelope.unwrap(sample["filtered_resps"]) for sample in outputs.samples[task]]
         assert len(records) == 2 and all(r["mode"] == mode and r["error"] is None for r in records)

@@ -179,7 +179,10 @@ class P2R(lmms):
             engine_kwargs.update(pretrained=pretrained, dtype=dtype)
         self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
         if pretrained and is_tiny_model(pretrained):
-            logger.warning("p2r: the tiny toy model (trained on synthetic scenes only): its scores are not a benchmark result.")
+            logger.warning(
+                "p2r: the offline tiny toy model (random, or trained on synthetic scenes only): "
+                "its scores are not a benchmark result."
+            )
         self.chunk_size = int(batch_size) if backend == "hf" else int(concurrency)
         if record_cache and self._world_size > 1:
             record_cache = f"{record_cache}.rank{self._rank}of{self._world_size}"  # one writer per file
