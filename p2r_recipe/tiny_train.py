@@ -13,7 +13,7 @@ the gap to p2r is what the demo shows. Scenes come from seeds 10,000,000 + i, ne
 demo's (about 2.6e9). Training is plain PyTorch on the CPU: a data worker renders and encodes
 batches while the main process trains; a fixed seed makes the run repeatable on one machine.
 
-    p2r-build-tiny --train     # retrain and write the package's weights (about 10 minutes, 2 cores)
+    p2r-build-tiny --train     # retrain and write the package's weights (about 700 CPU-s for 450 steps)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from . import prompts, scenes
@@ -134,7 +133,7 @@ class SceneStream(torch.utils.data.IterableDataset):
                         by_task.setdefault(ex.task, []).append(ex)
             start += self.window
             ready = []
-            for task, pending in by_task.items():
+            for pending in by_task.values():
                 while len(pending) >= self.batch_size:
                     ready.append(pending[: self.batch_size])
                     del pending[: self.batch_size]

@@ -13,7 +13,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from p2r_recipe import prompts
-from p2r_recipe.tiny import TINY_MODEL_NAME, WEIGHTS_DIR, build_tiny_model, install_trained_model, main, resolve_pretrained
+from p2r_recipe.tiny import (
+    TINY_MODEL_NAME,
+    WEIGHTS_DIR,
+    build_tiny_model,
+    install_trained_model,
+    main,
+    resolve_pretrained,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -150,12 +157,11 @@ def test_an_older_build_at_the_default_path_is_replaced_by_the_trained_toy(tmp_p
 
 def test_shipped_weights_are_small_half_precision_and_package_data() -> None:
     import tomllib
-
     from safetensors import safe_open
 
     path = WEIGHTS_DIR / "model.safetensors"
     assert path.stat().st_size < 5e6
     with safe_open(path, "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (not a dict)
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert "tiny_weights/*" in pyproject["tool"]["setuptools"]["package-data"]["p2r_recipe"]
