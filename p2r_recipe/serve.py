@@ -466,7 +466,7 @@ def read_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str |
 def main(argv: list[str] | None = None) -> None:
     """Console script `p2r-serve`."""
     parser = argparse.ArgumentParser(prog="p2r-serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="hub id, local checkpoint dir, or p2r-tiny (offline random weights)")
+    parser.add_argument("--model", required=True, help="hub id, local checkpoint dir, or p2r-tiny (the offline toy model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

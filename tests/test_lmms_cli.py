@@ -13,7 +13,7 @@ CATEGORIES = {
     "p2r_demo_hrbench_4k": ("fsp", "fcp"),
     "p2r_demo_hrbench_8k": ("fsp", "fcp"),
 }
-# Small images and token budgets keep a CPU run short; the tiny model's answers are meaningless anyway.
+# Small images and token budgets keep a CPU run short; the random tiny model's answers are meaningless anyway.
 FAST = "max_pixels=65536,max_new_tokens=8"
 
 
