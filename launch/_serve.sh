@@ -140,12 +140,8 @@ else
   server=
   [[ -n $python ]] && "$python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("vllm") is None)' && server=$python
   key_env=VLLM_API_KEY
-  # The clients fit every image to its pixel budget, so the server's processor must leave it as it is: a
-  # checkpoint's own minimum (Qwen3-VL's is 64x32x32) would upscale small crops, unlike the hf and vllm engines.
-  # = processor_size(PixelBudget()) of p2r_recipe.engines.local (tests/test_vllm.py checks that they agree).
-  mm_kwargs='{"size": {"shortest_edge": 16384, "longest_edge": 4194304}}'
   cmd=("${server:-python3}" -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port"
-    --served-model-name "$served" --mm-processor-kwargs "$mm_kwargs")
+    --served-model-name "$served")
 fi
 cmd+=("${extra[@]}")
 if [[ -z $model ]]; then

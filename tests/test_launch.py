@@ -354,9 +354,6 @@ def test_checks_name_the_missing_service_and_the_wrong_dataset(tmp_path):
 # --- service scripts ---------------------------------------------------------------------------------
 
 
-MM_KWARGS = '{"size": {"shortest_edge": 16384, "longest_edge": 4194304}}'
-
-
 def test_service_scripts_dry_run_defaults_match_the_clients():
     for role, port in DEFAULT_PORTS.items():
         out = run(
@@ -366,7 +363,7 @@ def test_service_scripts_dry_run_defaults_match_the_clients():
         command = out.stdout.splitlines()[0]
         assert command.endswith(
             f"-m vllm.entrypoints.openai.api_server --model /models/m --host 127.0.0.1 --port {port} "
-            f"--served-model-name {role} --mm-processor-kwargs {MM_KWARGS} --max-model-len 9"
+            f"--served-model-name {role} --max-model-len 9"
         )
     out = run([LAUNCH / "start_perceiver_server.sh"], clean_env())
     assert out.returncode == 2 and "give MODEL_PATH or set PERCEIVER_MODEL_PATH" in out.stderr
