@@ -3,8 +3,8 @@
 argv: MODEL_DIR WORK_DIR; the services' environment (ports, key) comes from the caller. Prints one JSON line.
 
 - `RolloutRayActor`, OpenRLHF's Ray actor around `vllm.AsyncLLMEngine`, built with the
-  arguments `create_vllm_engines` gives it (dtype float32 and no GPU instead of bf16 on one
-  GPU), loads our agent file and runs `generate_responses` for the perceiver role: vLLM
+  arguments `create_vllm_engines` gives it (dtype float32, no GPU and vLLM's default memory
+  share instead of bf16 on one GPU), loads our agent file and runs `generate_responses` for the perceiver role: vLLM
   generates, our RoleAgent scores through the real reasoner server.
 - The reasoner role and the joint agent run OpenRLHF's executors here against the same
   actor's `generate` (the call the executors make), since an actor's environment is fixed.
@@ -33,7 +33,7 @@ from p2r_recipe.engines.vllm import cpu_overrides
 from p2r_recipe.train import AGENT_FILE
 from p2r_recipe.train.data import perceiver_row
 
-CAP = 24  # max_tokens of every rollout: --rollout.max_new_tokens in training
+MAX_NEW_TOKENS = 32  # --rollout.max_new_tokens; the agent's per-role caps (P2R_*_MAX_TOKENS) are lower
 MAX_LEN = 4096
 
 
@@ -51,14 +51,14 @@ def summary(response: dict) -> dict:
     experience = SamplesGenerator._process_response_into_experience(None, response, max_len=MAX_LEN)
     info = {key: value.tolist() for key, value in experience.info.items()}
     turns = [end - start for start, end in response["action_ranges"]]
-    return {**info, "turns": turns, "cap": CAP}
+    return {**info, "turns": turns}
 
 
 def main(model_dir: str, work: str) -> None:
     processor = AutoProcessor.from_pretrained(model_dir)
     sample = rollouts.sample(Path(work), 0, form="mca")
     prompt = processor.apply_chat_template(perceiver_row(sample)["prompt"], tokenize=False, add_generation_prompt=True)
-    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=CAP, min_tokens=1, seed=0)
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=MAX_NEW_TOKENS, min_tokens=1, seed=0)
 
     actor_env = {key: os.environ[key] for key in os.environ if key.endswith(("_PORT", "_API_KEY")) or key.startswith(("P2R_", "VLLM_"))}
     actor_env |= {"P2R_AGENT": "role", "P2R_ROLE": "perceiver", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
@@ -73,7 +73,7 @@ def main(model_dir: str, work: str) -> None:
         model=model_dir, enforce_eager=True, worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
         tensor_parallel_size=1, seed=0, distributed_executor_backend="uni", max_model_len=MAX_LEN,
         enable_prefix_caching=False, dtype="float32", trust_remote_code=True, full_determinism=False,
-        gpu_memory_utilization=None, bundle_indices=None, num_gpus=0, enable_sleep_mode=False,
+        bundle_indices=None, num_gpus=0, enable_sleep_mode=False,
         agent_func_path=str(AGENT_FILE), remote_rm_url=None, mm_pad_token_ids=pads,
         limit_mm_per_prompt={"image": 4}, hf_overrides=cpu_overrides(model_dir),
     )  # fmt: skip

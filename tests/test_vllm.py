@@ -197,7 +197,8 @@ def test_precompute_against_the_vllm_perceiver(tmp_path, services):
 
 def test_openrlhf_rollout_actor_with_a_real_vllm_engine(model_dir, tmp_path, services):
     """OpenRLHF 0.11.2's RolloutRayActor (a real Ray actor around vllm.AsyncLLMEngine) runs our agent file."""
-    env = {**services.env, "REASONER_API_KEY": KEY, "P2R_TIMEOUT_S": "120", "P2R_RETRIES": "1"}
+    caps = {"P2R_PERCEIVE_MAX_TOKENS": "12", "P2R_REASON_MAX_TOKENS": "20"}  # below the rollout's max_tokens (32)
+    env = {**services.env, **caps, "REASONER_API_KEY": KEY, "P2R_TIMEOUT_S": "120", "P2R_RETRIES": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     out = subprocess.run(
         [sys.executable, TESTS / "openrlhf_vllm_rollout.py", str(model_dir), str(tmp_path)],
@@ -206,10 +207,12 @@ def test_openrlhf_rollout_actor_with_a_real_vllm_engine(model_dir, tmp_path, ser
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["placement_ready"] is False  # create_vllm_engines' {"GPU": 1} bundles: what stops it on CPU
-    for path, turns in (("perceiver", 1), ("reasoner", 1), ("joint", 2)):
+    # OpenRLHF's executor sets each turn's max_tokens to what is left of max_len; the agent holds each turn to its role's cap.
+    for path, caps in (("perceiver", [12]), ("reasoner", [20]), ("joint", [12, 20])):
         rollout = result[path]
         assert rollout["reward"] in ([0.0], [1.0]), (path, rollout)
-        assert len(rollout["turns"]) == turns and all(0 < n <= rollout["cap"] for n in rollout["turns"]), (path, rollout)
+        assert len(rollout["turns"]) == len(caps), (path, rollout["turns"])
+        assert all(0 < n <= cap for n, cap in zip(rollout["turns"], caps)), (path, rollout["turns"])
     assert result["perceiver"]["box_count"][0] >= 0 and "no_evidence" in result["joint"]
 
 
