@@ -14,10 +14,12 @@ def test_main_job_with_backend_vllm(tmp_path):
     """`pretrained=p2r-tiny`: whatever the tiny model resolves to (the random build, or trained weights)."""
     args = "pretrained=p2r-tiny,mode=p2r,backend=vllm,max_pixels=262144,max_new_tokens=64"
     engine = "dtype=float32,enforce_eager=True,max_model_len=4096"
-    lmms_cli.run(
+    log = lmms_cli.run(
         "--model", "p2r", "--model_args", f"{args},{engine}", "--tasks", "p2r_demo", "--batch_size", "8",
         "--output_path", str(tmp_path / "out"), "--log_samples", cwd=tmp_path, timeout_s=600,
     )  # fmt: skip
+    # lmms-eval 0.7.3 logs a model's exception and exits 0: no results file is the failure.
+    assert list((tmp_path / "out").glob("*/*_results.json")), log[-6000:]
     outputs = lmms_cli.read_outputs(tmp_path / "out")
     records = [row for rows in outputs.samples.values() for row in rows]
     assert len(records) == 24
