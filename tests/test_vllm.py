@@ -111,20 +111,24 @@ def test_hf_and_vllm_give_the_same_greedy_tokens(hf, offline):
 
 
 def test_openai_against_vllm_serve_matches_the_offline_engine(offline, services):
-    """The server gets JPEG data URLs (the openai engine's wire format), the offline engine raw pixels.
+    """Through the vLLM server, PNG data URLs (the exact pixels) give the offline engine's greedy tokens.
 
-    The prompt token counts (chat template plus one token per 32x32 pixels of every image)
-    agree exactly, and so do the greedy tokens: JPEG's loss flips none of them here. (Were a
-    change of encoding to flip one, the token counts would still have to agree.)
+    With JPEG (the openai engine's default wire format) the prompt tokens, image grids
+    included, still agree exactly; JPEG's loss may flip a greedy token, so those are counted.
     """
-    engine = openai_engine(services)
-    try:
-        served, local = engine.generate(batch(), GREEDY), offline.generate(batch(), GREEDY)
-    finally:
-        engine.close()
-    assert all(g.error is None for g in served)
-    assert [g.input_tokens for g in served] == [g.input_tokens for g in local]
-    assert [(g.text, g.output_tokens) for g in served] == [(g.text, g.output_tokens) for g in local]
+    local = offline.generate(batch(), GREEDY)
+    for image_format in ("png", "jpeg"):
+        engine = openai_engine(services, image_format=image_format)
+        try:
+            served = engine.generate(batch(), GREEDY)
+        finally:
+            engine.close()
+        assert all(g.error is None for g in served)
+        assert [g.input_tokens for g in served] == [g.input_tokens for g in local]
+        if image_format == "png":
+            assert [(g.text, g.output_tokens) for g in served] == [(g.text, g.output_tokens) for g in local]
+        same = sum(s.text == v.text for s, v in zip(served, local))
+        print(f"openai ({image_format}) vs vllm: {same}/{len(local)} identical greedy outputs")
 
 
 def test_generation_settings_reach_vllm(offline, services):
