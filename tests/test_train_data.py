@@ -96,7 +96,7 @@ def test_policy_sees_an_upright_copy_within_the_training_budget(tmp_path):
     with Image.open(big.fitted_image) as image:
         assert image.format == "JPEG" and image.size == (1664, 1248)  # smart_resize to <= 2,097,152 pixels
     with Image.open(turned.fitted_image) as image:
-        assert image.size == (256, 320)  # portrait: rotated upright, sides rounded to 32
+        assert image.size == (320, 256)  # as stored: the release applies no EXIF rotation; sides rounded to 32
     again = data.convert(str(source), tmp_path / "out", image_root=root).samples
     assert again[0].fitted_image == big.fitted_image
 

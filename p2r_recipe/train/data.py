@@ -200,7 +200,7 @@ class ImageStore:
         except OSError as exc:  # unreadable (permissions) or gone since it was checked
             raise RowError("missing_image", f"cannot read {original}: {exc.strerror}") from None
         try:  # a full decode: truncated files fail here, not in the middle of training
-            fitted = fit_to_budget(load_image(data, allowance=allowance), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
+            fitted = fit_to_budget(load_image(data, "release", allowance=allowance), TRAIN_BUDGET.max_pixels, TRAIN_BUDGET.min_pixels, TRAIN_BUDGET.factor)
         except ImageError as exc:
             raise RowError("corrupt_image", str(exc)) from None
         digest = hashlib.sha256(data).hexdigest()

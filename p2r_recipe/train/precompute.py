@@ -86,7 +86,7 @@ class EvidenceFiles:
 
 
 def _perceive_messages(sample: TrainSample, budget: PixelBudget) -> list[dict]:
-    image = fit_to_budget(load_image(sample.image), budget.max_pixels, budget.min_pixels, budget.factor)
+    image = fit_to_budget(load_image(sample.image, "release"), budget.max_pixels, budget.min_pixels, budget.factor)
     return prompts.service_messages(prompts.perceive_text(sample.question, training=True), [image_part(image, TRAIN_JPEG_QUALITY)])
 
 
@@ -123,7 +123,7 @@ def _evidence(folder: Path, sample: TrainSample, output: str, budget: PixelBudge
     manifest = folder / _MANIFEST
     if manifest.exists():
         return EvidenceFiles(**json.loads(manifest.read_text()))
-    evidence = gather_evidence(load_image(sample.image), output)
+    evidence = gather_evidence(load_image(sample.image, "release"), output)
     files = []
     if evidence.has_evidence:
         folder.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ class RewardConfig:
 
 @functools.lru_cache(maxsize=IMAGE_CACHE_SIZE)
 def _decoded(path: str) -> Image.Image:
-    return load_image(path)
+    return load_image(path, "release")
 
 
 @functools.lru_cache(maxsize=4 * IMAGE_CACHE_SIZE)
