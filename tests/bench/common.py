@@ -24,7 +24,6 @@ QUICK_RESULTS = Path(tempfile.gettempdir()) / "p2r-bench-quick"
 sys.path.insert(0, str(ROOT / "tests"))  # servers.py, release_rules.py, p2r10k.py: imported below and by the benches
 
 import p2r10k
-from servers import ScriptedServer
 
 from p2r_recipe.train.data import TrainSample
 
@@ -70,6 +69,8 @@ class ScriptedService:
         self.reply_fn, self.latency_s = reply_fn, latency_s
 
     def _serve(self, conn) -> None:
+        from servers import ScriptedServer  # here, not at the top: the GPU benches run where uvicorn is absent
+
         server = ScriptedServer(self.reply_fn, latency_s=self.latency_s).start()
         conn.send(server.port)
         try:
