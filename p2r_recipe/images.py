@@ -282,7 +282,6 @@ def data_url(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(encode_image(image, fmt, quality)).decode()
 
 
-
 # Pillow's fixed-point precision for 8-bit resampling (libImaging/Resample.c).
 _PRECISION_BITS = 22
 

@@ -26,7 +26,6 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import (
     AttentionInterface,
-    AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoProcessor,
     BatchFeature,
@@ -199,8 +198,7 @@ class HFEngine:
         self.prefetch, self.cache_step = prefetch, cache_step
         self.max_time_s, self.interrupt = max_time_s, interrupt
         self.batch_size = batch_size
-        defaults = AutoImageProcessor.from_pretrained(path).size
-        self.processor = AutoProcessor.from_pretrained(path, size=processor_size(budget or PixelBudget(), defaults))
+        self.processor = AutoProcessor.from_pretrained(path, size=processor_size(budget or PixelBudget(), path))
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:

