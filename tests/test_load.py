@@ -69,7 +69,9 @@ class Sampler:
 def check_bounded(bursts: list[Burst], label: str) -> None:
     for i, burst in enumerate(bursts, 1):
         print(f"{label} burst {i}/{len(bursts)} of {BURST}: {burst.summary()}")
-    assert bursts[-1].rss_mb - bursts[0].rss_mb < GROWTH_MB, [b.rss_mb for b in bursts]
+    # Peaks, not the RSS left after a burst: the allocator keeps or returns a ~50 MB block at random
+    # between bursts, while a leak raises every later burst's peak.
+    assert bursts[-1].peak_mb - bursts[0].peak_mb < GROWTH_MB, [(b.rss_mb, b.peak_mb) for b in bursts]
 
 
 @pytest.mark.slow
