@@ -27,7 +27,6 @@ import ipaddress
 import json
 import os
 import secrets
-import stat
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from fastapi.responses import JSONResponse
 from .engines.base import Engine, Generation, GenParams
 from .images import ImageError, PixelAllowance, load_image
 from .prompts import SYSTEM_PROMPT, Prompt
+from .train.services import is_loopback, read_key_file
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # P2R sends at most 4 (annotated image + 3 crops); the cap bounds decoded memory per request.
@@ -441,13 +441,10 @@ def read_key(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str |
     if args.api_key is not None and args.api_key_file is not None:
         parser.error("give --api-key or --api-key-file, not both")
     if args.api_key_file is not None:
-        path = Path(args.api_key_file)
-        try:
-            key, mode = path.read_text().strip(), path.stat().st_mode
-        except OSError as exc:
-            parser.error(f"cannot read --api-key-file {path}: {exc.strerror}")
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            print(f"p2r-serve: warning: {path} is readable by other users; chmod 600 it.", file=sys.stderr)
+        try:  # the training services' rule: owner-only file, line ending dropped
+            key = read_key_file(args.api_key_file, "--api-key-file")
+        except ValueError as exc:
+            parser.error(str(exc))
     elif args.api_key is not None:
         key = args.api_key
         if key:
@@ -496,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     served = args.served_model_name or Path(args.model.rstrip("/")).name
     if is_tiny_model(args.model):
         print("p2r-serve: the offline tiny toy model (random, or trained on synthetic scenes only).", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(args.host) and not api_key:
         print(
             f"p2r-serve: warning: listening on {args.host} with no API key; anyone who can reach it can use it.",
             file=sys.stderr,

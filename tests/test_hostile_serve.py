@@ -358,17 +358,19 @@ def test_an_empty_key_is_refused_at_start_up(args):
     assert result.returncode == 2 and "the API key is empty" in result.stderr
 
 
-def test_an_empty_key_file_is_refused_and_argv_keys_warn(tmp_path):
+def test_empty_or_shared_key_files_are_refused_and_argv_keys_warn(tmp_path):
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
+    empty.chmod(0o600)
     result = start_fails("--api-key-file", str(empty))
-    assert result.returncode == 2 and "the API key is empty" in result.stderr
+    assert result.returncode == 2 and f"--api-key-file={empty} is empty" in result.stderr
     result = start_fails("--api-key", "visible")  # a real key: it warns, then fails on the missing model
     assert "visible to every user of this machine" in result.stderr and "P2R_SERVE_API_KEY" in result.stderr
     shared = tmp_path / "shared.key"
     shared.write_text("k\n")
-    shared.chmod(0o644)
-    assert "chmod 600" in start_fails("--api-key-file", str(shared)).stderr
+    shared.chmod(0o640)  # the training services' rule: a key file others can read is refused, not just warned about
+    result = start_fails("--api-key-file", str(shared))
+    assert result.returncode == 2 and "readable by others (mode 640); chmod 600" in result.stderr
 
 
 def test_the_key_can_come_from_a_file(tiny_model_dir, tmp_path):
