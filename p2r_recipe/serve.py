@@ -39,10 +39,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .access import is_loopback, read_key_file
 from .engines.base import Engine, Generation, GenParams
 from .images import ImageError, PixelAllowance, load_image
 from .prompts import SYSTEM_PROMPT, Prompt
-from .train.services import is_loopback, read_key_file
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # P2R sends at most 4 (annotated image + 3 crops); the cap bounds decoded memory per request.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from p2r_recipe.access import is_loopback, read_key_file
 from p2r_recipe.engines.openai import ChatClient
 
 DEFAULT_HOST = "127.0.0.1"
@@ -31,29 +30,6 @@ def env_number(env: Mapping[str, str], var: str, default: float, kind: type = fl
         return kind(raw)
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
-
-
-def read_key_file(path: str, var: str) -> str:
-    """A service key from a file only its owner can read (mode 600), so it never travels in argv or a shared env."""
-    file = Path(path)
-    try:
-        mode = file.stat().st_mode
-        key = file.read_text(encoding="utf-8").rstrip("\r\n")  # as the service scripts read it
-    except OSError as exc:
-        raise ValueError(f"{var}={path}: cannot read the key file ({exc.strerror})") from None
-    if mode & 0o077:
-        raise ValueError(f"{var}={path} is readable by others (mode {mode & 0o777:o}); chmod 600 {path}")
-    if not key:
-        raise ValueError(f"{var}={path} is empty")
-    return key
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost: reachable from this node only."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 @dataclass(frozen=True)
