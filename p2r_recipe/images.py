@@ -151,12 +151,17 @@ def _in_parts(image: Image.Image, size: tuple[int, int], rows: bool) -> Image.Im
 IMAGE_MODES = ("release", "robust")
 
 
+def check_image_mode(image_mode: str) -> None:
+    """A ValueError unless `image_mode` is one of IMAGE_MODES; entry points call it before any work."""
+    if image_mode not in IMAGE_MODES:
+        raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+
+
 def to_rgb(image: Image.Image, image_mode: str = "robust") -> Image.Image:
     """An RGB image by the rule of `image_mode` (see IMAGE_MODES)."""
+    check_image_mode(image_mode)
     if image_mode == "release":
         return image if image.mode == "RGB" else image.convert("RGB")
-    if image_mode != "robust":
-        raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
@@ -211,8 +216,7 @@ def decode_image(source: Any, allowance: PixelAllowance | None = None) -> Image.
 
 def load_image(source: Any, image_mode: str = "robust", allowance: PixelAllowance | None = None) -> Image.Image:
     """`decode_image`, then RGB by the rule of `image_mode`; any failure is an ImageError with the reason."""
-    if image_mode not in IMAGE_MODES:
-        raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+    check_image_mode(image_mode)  # before decoding: a wrong mode should not cost a decode first
     image = decode_image(source, allowance)
     try:
         return to_rgb(image, image_mode)

@@ -16,7 +16,7 @@ from PIL import Image
 from . import prompts
 from .engines.base import Engine, Generation, GenParams
 from .evidence import Evidence, gather_evidence
-from .images import IMAGE_MODES, ImageError, PixelBudget, load_image
+from .images import ImageError, PixelBudget, check_image_mode, load_image
 from .scoring import answer_text, extract_choice
 
 # The release's evaluation decoding (evaluation/batch_inference_vllm.py): max_tokens per pass
@@ -86,8 +86,7 @@ class Pipeline:
     ):
         if mode not in prompts.MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {prompts.MODES}")
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f"unknown image_mode {image_mode!r}; expected one of {IMAGE_MODES}")
+        check_image_mode(image_mode)
         self.engine, self.mode, self.image_mode = engine, mode, image_mode
         self.params = params or release_params(mode)
         self.perceive_params = perceive_params or replace(

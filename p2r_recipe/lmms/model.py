@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ..engines import make_engine, resolve_backend
 from ..engines.openai import RequestRejected, ServiceUnavailable
-from ..images import IMAGE_MODES, PixelBudget
+from ..images import PixelBudget, check_image_mode
 from ..journal import Journal
 from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline, Record, Sample
 from ..prompts import MODES
@@ -137,8 +137,7 @@ class P2R(lmms):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"p2r: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if image_mode not in IMAGE_MODES:
-            raise ValueError(f"p2r: unknown image_mode {image_mode!r}; expected one of {', '.join(IMAGE_MODES)}")
+        check_image_mode(image_mode)
         self.mode, self.image_mode = mode, image_mode
         backend = resolve_backend(backend, base_url)
         self.budget = PixelBudget(
