@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -188,6 +189,28 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class RSSSampler:
+    """Samples a process's RSS every `every_s` in a thread while in use; `peak` is the highest seen."""
+
+    def __init__(self, pid: int, every_s: float = 0.05):
+        self.pid, self.every_s, self.peak = pid, every_s, 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb(self.pid))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> RSSSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def listening_addresses(pid: int) -> set[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -44,28 +43,6 @@ class Burst:
         return f"latency p50 {p50:.2f} s, p95 {p95:.2f} s, max {worst:.2f} s, {memory}"
 
 
-class Sampler:
-    """Samples a process's RSS every `every_s` in a thread while in use; `peak` is the highest seen."""
-
-    def __init__(self, pid: int, every_s: float = 0.05):
-        self.pid, self.every_s, self.peak = pid, every_s, 0.0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, reliability.rss_mb(self.pid))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Sampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def check_bounded(bursts: list[Burst], label: str) -> None:
     for i, burst in enumerate(bursts, 1):
         print(f"{label} burst {i}/{len(bursts)} of {BURST}: {burst.summary()}")
@@ -91,7 +68,7 @@ def test_p2r_serve_under_bursts_of_256_concurrent_requests(tiny_model_dir):
 
         bursts = []
         for _ in range(BURSTS):
-            with Sampler(serve.process.pid) as sampler:
+            with reliability.RSSSampler(serve.process.pid) as sampler:
                 latencies = run_sync(burst())
             bursts.append(Burst(latencies, reliability.rss_mb(serve.process.pid), sampler.peak))
         client.close()
@@ -108,7 +85,7 @@ def test_reward_path_under_bursts_of_256_concurrent_rollouts(tmp_path, monkeypat
         rollouts.configure(monkeypatch, "perceiver", reasoner=reasoner, P2R_CONCURRENCY=str(BURST))
         bursts = []
         for _ in range(BURSTS):
-            with Sampler(os.getpid()) as sampler:
+            with reliability.RSSSampler(os.getpid()) as sampler:
                 start = time.perf_counter()
                 result = reward_func(queries, prompts, labels)
                 elapsed = time.perf_counter() - start
