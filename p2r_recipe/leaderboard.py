@@ -297,11 +297,14 @@ def write_chart(tables: list[Table], path: Path) -> bool:
         for i, row in enumerate(rows):
             values = [row.values.get(c) for c in groups]
             published = row.source == "published"
+            boxes = row.values.get("Boxes")  # P2R's evidence per sample, where the run logged it
+            label = f"{row.model} · {row.mode}" + (" (published)" if published else "")
+            label += f", {boxes:.2f} boxes/sample" if boxes is not None else ""
             bars = ax.bar(
                 [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))],
                 [math.nan if v is None else v for v in values],  # a missing score draws no bar
                 width, color=plt.get_cmap("tab20")(i % 20), hatch="//" if published else None, edgecolor="white",
-                linewidth=0.3, label=f"{row.model} · {row.mode}" + (" (published)" if published else ""),
+                linewidth=0.3, label=label,
             )  # fmt: skip
             ax.bar_label(bars, ["" if v is None else f"{v:.1f}" for v in values], fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(groups)), ["V*", "HR-Bench 4K", "HR-Bench 8K", "Avg"])
