@@ -1,12 +1,13 @@
 """Toy scenes: synthetic high-resolution images whose answer is a detail only a crop can show.
 
-A scene is a muted gradient backdrop with scenery blobs and grey pebbles, plus three or four
-coloured tiles, each 100 x 100 in Qwen-VL's 0..1000 coordinates (a tenth of the width and a
-tenth of the height) and placed on that grid, so a box is right or wrong by whole places. A tile is its colour striped with white in one of four patterns; the
-stripes are about a two-hundredth of the width apart, so at the whole-image budget of the main
-job (about 512 x 512) every pattern blurs to the same flat tint, while the release's crop of
-the tile (box padded by min(0.1, 600/side)) at the same budget shows them clearly. Every
-question asks for one tile's pattern, named by its colour, with the four patterns as options.
+A scene is a muted gradient backdrop with scenery blobs and grey pebbles, plus one coloured
+tile, 100 x 100 in Qwen-VL's 0..1000 coordinates (a tenth of the width and of the height),
+centred in a cell of a 5 x 5 grid, so a box is right or wrong by whole places. The tile is
+its colour striped with white in one of four patterns, the stripes a 450th of the width wide:
+at the main job's budget of 65,536 pixels (about 300 x 200) every pattern blurs to the same
+flat tint, while the release's crop of the tile (box padded by min(0.1, 600/side)) at the same
+budget shows it. The question asks for the tile's pattern, naming the tile by its colour, with
+the four patterns as options in one fixed order.
 
 Scenes come from a seed through `random.Random.random()` only (whose sequence Python
 guarantees) and are drawn with integer numpy masks, so they rebuild bit-identically.
@@ -38,8 +39,7 @@ PATTERNS = ("horizontal stripes", "vertical stripes", "diagonal stripes", "check
 MUTED = ((214, 206, 190), (190, 205, 214), (205, 214, 196), (222, 212, 222), (200, 200, 188), (226, 220, 204))
 WHITE = (255, 255, 255)
 TILE = 100  # side of a tile in 0..1000 coordinates
-# Tiles' corners are this far apart on some axis, so a tile's padded crop never shows a whole other tile.
-_APART = 200
+CELL = 200  # the placement grid's cell: a tile sits in a cell's middle
 QUESTIONS = (
     "What is the pattern on the {colour} tile?",
     "Which pattern does the {colour} tile have?",
@@ -117,28 +117,24 @@ class Asked:
 
 
 def scene(rng: Rng, width: int, height: int, seed: int) -> Scene:
-    """Three or four tiles of distinct colours and random patterns on a 10 x 10 grid of tile places, kept apart."""
-    count = 3 + rng.below(2)
-    colours = rng.sample(list(PALETTE), count)
-    while True:
-        corners = [(TILE * rng.below(10), TILE * rng.below(10)) for _ in colours]
-        if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= _APART for i, a in enumerate(corners) for b in corners[i + 1 :]):
-            break
-    tiles = tuple(Tile(c, rng.choice(PATTERNS), x, y) for c, (x, y) in zip(colours, corners))
-    return Scene(width, height, tiles, seed)
+    """One tile of a random colour and pattern in the middle of a random cell of the 5 x 5 grid."""
+    colour, pattern = rng.choice(list(PALETTE)), rng.choice(PATTERNS)
+    margin, cells = (CELL - TILE) // 2, 1000 // CELL
+    x, y = CELL * rng.below(cells) + margin, CELL * rng.below(cells) + margin
+    return Scene(width, height, (Tile(colour, pattern, x, y),), seed)
 
 
 def ask(rng: Rng, scene: Scene) -> Asked:
-    """A pattern question about one of the scene's tiles, the four patterns shuffled as options."""
+    """A pattern question about one of the scene's tiles, the four patterns as options in PATTERNS' order
+    (a toy this small learns to read a pattern, not also to find it among shuffled options)."""
     target = rng.choice(scene.tiles)
     question = rng.choice(QUESTIONS).format(colour=target.colour)
-    options = tuple(rng.shuffled(PATTERNS))
-    return Asked(question, options, "ABCD"[options.index(target.pattern)], target)
+    return Asked(question, PATTERNS, "ABCD"[PATTERNS.index(target.pattern)], target)
 
 
 def stripe_width(width: int) -> int:
-    """Pixels per stripe: about 50 stripe pairs across a tile, at least 2 pixels so each stays visible."""
-    return max(2, round(width / 1000))
+    """Pixels per stripe: 22 stripe pairs across a tile, at least 2 pixels so each stays visible."""
+    return max(2, round(width / 450))
 
 
 def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, s: int) -> np.ndarray:

@@ -136,7 +136,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10], "mrope_interleaved": True}
     text = {
         "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "rope_parameters": rope,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rope_parameters": rope,
         "max_position_embeddings": _MAX_POSITIONS, "tie_word_embeddings": True,
         "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad,
     }  # fmt: skip
@@ -245,13 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random", action="store_true", help="random weights (for tests) instead of the trained toy")
     parser.add_argument("--seed", type=int, default=0, help="with --random: the initialisation seed")
     parser.add_argument("--train", action="store_true",
-                        help=f"retrain the toy from scratch on the CPU and write its weights to {WEIGHTS_DIR}")  # fmt: skip
+                        help=f"retrain the toy from scratch on the CPU: into --out if given (nothing else is done), "
+                             f"else into {WEIGHTS_DIR}, then install as usual")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="with --train: optimiser steps")
     args = parser.parse_args(argv)
     if args.train:
         from .tiny_train import STEPS, train
 
-        print(train(WEIGHTS_DIR, steps=args.steps or STEPS))
+        print(train(args.out or WEIGHTS_DIR, steps=args.steps or STEPS))
+        if args.out:
+            return
     out = args.out or default_tiny_dir()
     if args.random:
         print(build_tiny_model(out, seed=args.seed))

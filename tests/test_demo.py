@@ -114,8 +114,8 @@ def test_image_regenerates_and_its_answer_holds_in_the_pixels(split, index):
 
 
 def test_patterns_blur_away_at_the_main_jobs_budget_and_show_in_the_crop():
-    """The demo's premise, measured: at 262,144 pixels a tile is nearly flat, in its padded crop it is striped."""
-    budget = PixelBudget(max_pixels=262_144, crop_max_pixels=262_144)
+    """The demo's premise, measured: at 65,536 pixels a tile is nearly flat, in its padded crop it is striped."""
+    budget = PixelBudget(max_pixels=65_536, crop_max_pixels=65_536)
     for split in demo.SPLITS:
         q = demo.questions(split)[0]
         image = demo.render(q)

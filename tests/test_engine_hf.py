@@ -190,7 +190,7 @@ def test_repetition_penalty_changes_the_output_and_batched_rows_decode_as_alone(
 
 
 def test_stop_strings_end_the_text_before_them(engine: HFEngine) -> None:
-    prompt = one_image(3)
+    prompt = one_image(4)
     [free] = engine.generate([prompt], GenParams(max_new_tokens=8))
     word = free.text.split()[1]
     [stopped] = engine.generate([prompt], GenParams(max_new_tokens=8, stop=(word,)))

@@ -7,12 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from p2r_recipe import prompts
+from p2r_recipe import prompts, scenes
 from p2r_recipe.tiny import (
     TINY_MODEL_NAME,
     WEIGHTS_DIR,
@@ -165,3 +166,30 @@ def test_shipped_weights_are_small_half_precision_and_package_data() -> None:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (not a dict)
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert "tiny_weights/*" in pyproject["tool"]["setuptools"]["package-data"]["p2r_recipe"]
+
+
+def test_token_probe_targets_sit_where_the_tile_is_drawn() -> None:
+    """The training's per-token targets line up with the pixels the model sees: on the whole image the tokens
+    marked as on the tile hold the tile's middle, in the crop they are the striped ones (the most contrasted
+    tokens) and carry the tile's pattern; rows and columns are not swapped (the images are wider than tall)."""
+    from p2r_recipe.tiny import build_processor
+    from p2r_recipe.tiny_train import Encoder, scene_examples
+
+    for index in range(4):
+        perceive, reason = scene_examples(index)[:2]
+        batch = Encoder(build_processor())([reason])
+        grids = batch["image_grid_thw"].tolist()
+        whole_targets, crop_targets = batch["token_targets"].split([t * h * w // 4 for t, h, w in grids])
+
+        (_, h, w), tile = grids[0], reason.tile
+        on = whole_targets[:, 0].reshape(h // 2, w // 2) == 1
+        middle_x, middle_y = (tile.bbox_2d[0] + tile.bbox_2d[2]) / 2000, (tile.bbox_2d[1] + tile.bbox_2d[3]) / 2000
+        assert h < w and on[int(middle_y * h / 2), int(middle_x * w / 2)] and on.sum() <= 4
+
+        (_, h, w), crop = grids[1], reason.prompt.images[1]
+        pixels = np.asarray(crop.convert("L").resize((w * 16, h * 16)), dtype=float)
+        contrast = pixels.reshape(h // 2, 32, w // 2, 32).std(axis=(1, 3)).reshape(-1)
+        on = crop_targets[:, 0].numpy() == 1
+        assert contrast[on].min() > 2 * np.median(contrast[~on])
+        assert set(crop_targets[on, 3].tolist()) == {scenes.PATTERNS.index(tile.pattern)}
+        assert set(crop_targets[~on, 3].tolist()) == {-100}

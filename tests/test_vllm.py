@@ -233,7 +233,7 @@ def test_lmms_eval_over_the_demo_with_backend_openai_against_vllm(tmp_path, serv
     url = f"{services.url('reasoner')}/v1"
     args = f"pretrained=p2r-tiny,mode=p2r,backend=openai,base_url={url},served_model=reasoner,api_key={KEY}"
     log = lmms_cli.run(
-        "--model", "p2r", "--model_args", f"{args},max_pixels=262144,max_new_tokens=64",
+        "--model", "p2r", "--model_args", f"{args},max_pixels=65536,max_new_tokens=64",
         "--tasks", "p2r_demo", "--batch_size", "8", "--output_path", str(tmp_path / "out"), "--log_samples",
         cwd=tmp_path, timeout_s=600,
     )  # fmt: skip

