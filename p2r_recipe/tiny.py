@@ -181,6 +181,8 @@ def _build_atomically(out_dir: str | Path, stamp: str, write) -> Path:
         write(tmp)
         (tmp / _MARKER).write_text(stamp)
         if marker.exists():
+            if marker.read_text() == stamp:  # a concurrent builder finished first: keep its copy, never move it away
+                return out
             stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale.", dir=out.parent))
             os.rename(out, stale / "old")
         os.rename(tmp, out)  # atomic; replaces out only if it is an empty directory
