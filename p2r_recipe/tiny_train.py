@@ -157,26 +157,21 @@ class Encoder:
 def group_batches(group: int, batch_size: int) -> list[list[Example]]:
     """Scene group `group`'s batches, one task each: perceive and reason from every group, default and
     thinking from every fourth (at the whole-image budget those can only learn the format), in a
-    seeded order. A pure function of the group, so the stream is the same for any number of workers."""
+    seeded order. A pure function of the group, so a rebuild sees the same batches in the same order."""
     examples = [scene_examples(index) for index in range(group * batch_size, (group + 1) * batch_size)]
     tasks = [0, 1, 2, 3] if group % 4 == 0 else [0, 1]
     return [[ex[task] for ex in examples] for task in scenes.Rng(TRAIN_SEED * 1_000_003 + group).shuffled(tasks)]
 
 
 class SceneStream(torch.utils.data.IterableDataset):
-    """Encoded batches of scene groups 0, 1, 2, ...: each item is one group's list of batches.
-
-    Worker k of n encodes groups k, k + n, ...; the DataLoader takes workers in turn, so items
-    arrive in group order whatever n is."""
+    """Encoded batches of scene groups 0, 1, 2, ...: each item is one group's list of batches."""
 
     def __init__(self, processor, batch_size: int):
         self.encode, self.batch_size = Encoder(processor), batch_size
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         torch.set_num_threads(1)  # the trainer has the other cores
-        for group in itertools.count(worker, workers):
+        for group in itertools.count():
             yield [self.encode(batch) for batch in group_batches(group, self.batch_size)]
 
 
@@ -227,7 +222,7 @@ def training_loss(model, heads: TokenHeads, batch: dict[str, torch.Tensor], prob
     return torch.nn.functional.cross_entropy(logits, targets[keep]) + probe_weight * heads.loss(seen[0], dense)
 
 
-def new_model(device: str = "cpu"):
+def new_model():
     """The tiny Qwen3-VL, freshly initialised from TRAIN_SEED, with its processor."""
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -235,21 +230,20 @@ def new_model(device: str = "cpu"):
 
     processor = build_processor()
     torch.manual_seed(TRAIN_SEED)
-    model = Qwen3VLForConditionalGeneration(build_config(processor.tokenizer)).to(device, torch.float32).train()
+    model = Qwen3VLForConditionalGeneration(build_config(processor.tokenizer)).to(torch.float32).train()
     return model, processor
 
 
-def scene_batches(processor, batch_size: int, workers: int):
-    """The training batches in order, encoded by `workers` data processes."""
+def scene_batches(processor, batch_size: int):
+    """The training batches in order, encoded by one data process while this one trains."""
     loader = torch.utils.data.DataLoader(
-        SceneStream(processor, batch_size), batch_size=None, num_workers=workers, prefetch_factor=4
+        SceneStream(processor, batch_size), batch_size=None, num_workers=1, prefetch_factor=4
     )
     for group in loader:
         yield from group
 
 
-def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR, device: str = "cpu",
-          workers: int = 1, probe_weight: float = PROBE_WEIGHT) -> dict:  # fmt: skip
+def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR, probe_weight: float = PROBE_WEIGHT) -> dict:
     """Train from scratch and save the model (fp16) into `out_dir`; returns timing and the last losses.
 
     The loss is the replies' cross-entropy plus the token probes' (TokenHeads), which are dropped
@@ -257,18 +251,18 @@ def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR
     0.27 s a step)."""
     from transformers import GenerationConfig
 
-    torch.set_num_threads(2 if device == "cpu" else 1)
-    model, processor = new_model(device)
-    heads = TokenHeads(model.config.vision_config.out_hidden_size).to(device)
+    torch.set_num_threads(2)
+    model, processor = new_model()
+    heads = TokenHeads(model.config.vision_config.out_hidden_size)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps))
-    batches = scene_batches(processor, batch_size, workers)
+    batches = scene_batches(processor, batch_size)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     losses: list[float] = []
     progress = tqdm(total=steps, desc="train tiny", unit="step")
     for step, batch in zip(range(steps), batches):
-        loss = training_loss(model, heads, {key: value.to(device) for key, value in batch.items()}, probe_weight)
+        loss = training_loss(model, heads, batch, probe_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,11 +273,11 @@ def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR
         if step % 20 == 0:
             progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     progress.close()
-    batches.close()  # stops the data workers, so their CPU time is counted below
+    batches.close()  # stops the data worker, so its CPU time is counted below
     stats = {"steps": steps, "batch_size": batch_size, "lr": lr, "probe_weight": probe_weight, "seed": TRAIN_SEED,
-             "device": device, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1),
+             "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1),
              "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}  # fmt: skip
-    model = model.to("cpu", torch.float16).eval()
+    model = model.to(torch.float16).eval()
     ids = {key: getattr(model.config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(do_sample=False, **ids)
     out_dir.mkdir(parents=True, exist_ok=True)

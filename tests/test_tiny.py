@@ -175,9 +175,10 @@ def test_token_probe_targets_sit_where_the_tile_is_drawn() -> None:
     from p2r_recipe.tiny import build_processor
     from p2r_recipe.tiny_train import Encoder, scene_examples
 
+    encode = Encoder(build_processor())
     for index in range(4):
-        perceive, reason = scene_examples(index)[:2]
-        batch = Encoder(build_processor())([reason])
+        reason = scene_examples(index)[1]
+        batch = encode([reason])
         grids = batch["image_grid_thw"].tolist()
         whole_targets, crop_targets = batch["token_targets"].split([t * h * w // 4 for t, h, w in grids])
 
