@@ -12,8 +12,9 @@ the GPUs are visible. --joint trains the joint P2R agent instead (launch/configs
 """
 
 import sys
+from pathlib import Path
 
-from _common import main
+from p2r_recipe.train.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main("perceiver", __doc__, joint=True))
+    sys.exit(main("perceiver", __doc__, Path(__file__).resolve().parent / "configs", joint=True))

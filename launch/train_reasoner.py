@@ -13,8 +13,9 @@ dataset holds the precomputed evidence prompts, and the GPUs are visible.
 """
 
 import sys
+from pathlib import Path
 
-from _common import main
+from p2r_recipe.train.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main("reasoner", __doc__))
+    sys.exit(main("reasoner", __doc__, Path(__file__).resolve().parent / "configs"))

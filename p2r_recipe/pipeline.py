@@ -8,8 +8,7 @@ the same code; a bad sample becomes a record with `error` set and never stops th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from PIL import Image
 
@@ -17,6 +16,7 @@ from . import prompts
 from .engines.base import Engine, Generation, GenParams
 from .evidence import Evidence, gather_evidence
 from .images import ImageError, PixelBudget, check_image_mode, load_image
+from .records import Record, Sample
 from .scoring import answer_text, extract_choice
 
 # The release's evaluation decoding (evaluation/batch_inference_vllm.py): max_tokens per pass
@@ -29,42 +29,6 @@ RELEASE_DECODING = GenParams(temperature=0.0, top_p=1.0, top_k=0, repetition_pen
 def release_params(pass_name: str) -> GenParams:
     """The release's decoding for a pass: a mode's answering pass (`default`, `thinking`, `p2r`) or `perceive`."""
     return replace(RELEASE_DECODING, max_new_tokens=RELEASE_MAX_NEW_TOKENS[pass_name])
-
-
-@dataclass
-class Sample:
-    """One question about an image (the first image is the one P2R perceives)."""
-
-    id: str
-    question: str
-    images: list[Any]
-    answer_form: str = "mca"
-    answer: str | None = None
-    letters: str = "ABCD"
-
-
-@dataclass
-class Record:
-    """Everything one sample produced, in the order the passes ran."""
-
-    id: str
-    mode: str
-    prompts: list[str] = field(default_factory=list)
-    perceiver_output: str | None = None
-    boxes: list[dict] = field(default_factory=list)
-    box_count: int = 0
-    mean_box_area: float = 0.0
-    has_evidence: bool = False
-    raw_answer: str = ""
-    answer: str | None = None
-    prediction: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    latency_s: float = 0.0
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Pipeline:

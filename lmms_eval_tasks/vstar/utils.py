@@ -1,7 +1,7 @@
-"""V* (vstar) for lmms-eval: binds p2r_recipe.lmms.tasks to the VSTAR record format (p2r_recipe.benchmarks)."""
+"""V* (vstar) for lmms-eval: binds p2r_recipe.lmms.tasks to the VSTAR record format (p2r_recipe.lmms.benchmarks)."""
 
-from p2r_recipe.benchmarks import VSTAR
 from p2r_recipe.lmms import tasks
+from p2r_recipe.lmms.benchmarks import VSTAR
 
 mean_known, total, group_mean, group_total = tasks.mean_known, tasks.total, tasks.group_mean, tasks.group_total
 doc_to_visual, doc_to_text, process_results = tasks.bind(VSTAR)

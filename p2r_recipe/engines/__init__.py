@@ -8,16 +8,47 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.util import find_spec
+from pathlib import Path
 
 from .base import Engine, Generation, GenParams
 
-__all__ = ["BACKENDS", "Engine", "GenParams", "Generation", "choose_backend", "make_engine", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "TOY_NAME", "Engine", "GenParams", "Generation", "choose_backend", "is_toy", "make_engine",
+    "resolve_backend", "resolve_pretrained",
+]  # fmt: skip
 
 BACKENDS = {
     "hf": ("p2r_recipe.engines.hf", "HFEngine"),
     "vllm": ("p2r_recipe.engines.vllm", "VLLMEngine"),
     "openai": ("p2r_recipe.engines.openai", "OpenAIEngine"),
 }
+
+
+# The offline toy's name (p2r_recipe.toy).
+TOY_NAME = "p2r-tiny"
+
+
+def resolve_pretrained(name: str) -> str:
+    """`p2r-tiny` -> the installed toy's directory (installed on first use); any other name unchanged.
+
+    The one place the core meets the toy, and lazily: evaluating a real model never imports it.
+    """
+    if name != TOY_NAME:
+        return name
+    from ..toy.model import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def is_toy(name: str) -> bool:
+    """Whether `name` is `p2r-tiny` or a directory the toy's builder wrote: its scores are no benchmark result."""
+    if name == TOY_NAME:
+        return True
+    if not Path(name).is_dir():
+        return False
+    from ..toy.model import is_toy_build
+
+    return is_toy_build(Path(name))
 
 
 def choose_backend(backend: str, base_url: str | None, vllm_importable: bool, gpu: bool) -> str:

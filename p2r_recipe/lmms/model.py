@@ -39,13 +39,12 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..engines import make_engine, resolve_backend
-from ..engines.openai import RequestRejected, ServiceUnavailable
+from ..client import RequestRejected, ServiceUnavailable
+from ..engines import is_toy, make_engine, resolve_backend
 from ..images import PixelBudget, check_image_mode
-from ..journal import Journal
-from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline, Record, Sample
+from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline
 from ..prompts import MODES
-from ..tiny import is_tiny_model
+from ..records import Journal, Record, Sample
 from . import envelope, registration
 
 ANSWER_FORM_KEY = "p2r_answer_form"
@@ -177,7 +176,7 @@ class P2R(lmms):
             self._place_vllm(engine_kwargs)
             engine_kwargs.update(pretrained=pretrained, dtype=dtype)
         self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
-        if pretrained and is_tiny_model(pretrained):
+        if pretrained and is_toy(pretrained):
             logger.warning(
                 "p2r: the offline tiny toy model (random, or trained on synthetic scenes only): "
                 "its scores are not a benchmark result."

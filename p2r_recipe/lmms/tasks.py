@@ -1,7 +1,7 @@
 """The code side of this project's lmms-eval task YAMLs: a doc's prompt and image in, per-sample metrics out.
 
 Each folder under lmms_eval_tasks/ has a thin utils.py binding these functions to its
-benchmark (p2r_recipe.benchmarks). Every metric is a per-sample number (accuracy: 0 or
+benchmark (p2r_recipe.lmms.benchmarks). Every metric is a per-sample number (accuracy: 0 or
 100) averaged over the samples it applies to; `errors` is a count. lmms-eval expects
 every sample to return every metric it returns at all, so a sample returns None where a
 metric does not apply to it (another category's accuracy; `boxes` when the perceiver did
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .. import prompts
-from ..benchmarks import Benchmark
 from ..scoring import answer_text
 from . import envelope
+from .benchmarks import Benchmark
 
 
 @dataclass

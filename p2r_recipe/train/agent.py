@@ -43,8 +43,8 @@ from p2r_recipe.evidence import parse_boxes
 from p2r_recipe.images import ImageError
 from p2r_recipe.prompts import reason_text
 from p2r_recipe.train.config import TURN_CAP_VARS
-from p2r_recipe.train.data import TrainSample
 from p2r_recipe.train.reward import Outcome, RewardConfig, box_rule, rewarder, strip_end_tokens
+from p2r_recipe.train.schema import TrainSample
 from p2r_recipe.train.services import env_number
 
 AGENTS = ("role", "joint")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import AGENT_FILE, REWARD_FILE
 from .config import TURN_CAP_VARS, TrainConfig
-from .data import OPENRLHF_DATA_FLAGS
+from .schema import OPENRLHF_DATA_FLAGS
 from .services import ServiceConfig
 
 # The frozen services each role's reward calls: stage 1 asks the frozen reasoner, every role may ask the verifier.

@@ -52,7 +52,7 @@ class TrainConfig:
     # Micro-batches per GPU (the release's 8 for the update, the rollout log-probs and the reference).
     micro_train_batch_size: int = 8
     micro_rollout_batch_size: int = 8
-    # Validation every `eval_steps` on the held-out slice `p2r_recipe.train.data` writes ("" = none), greedy, one rollout.
+    # Validation every `eval_steps` on the held-out slice `p2r_recipe.train.prepare` writes ("" = none), greedy, one rollout.
     eval_dataset: str = "data/p2r10k/perceiver_val.jsonl"
     eval_steps: int = 10
     eval_temperature: float = 0.0

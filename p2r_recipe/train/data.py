@@ -31,7 +31,6 @@ same rows, in both stages.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -39,12 +38,11 @@ import json
 import os
 import random
 import re
-import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,47 +51,12 @@ from tqdm import tqdm
 
 from p2r_recipe import prompts
 from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelAllowance, encode_image, fit_to_budget, load_image
+from p2r_recipe.train.schema import ANSWER_FORMS, DEFAULT_ANSWER_FORM, TrainSample, prompt_row
 
 HUB_ID = "hongxingli/P2R-10k"
-ROLES = ("perceiver", "reasoner")
-ANSWER_FORMS = ("mca", "na", "free_form")
-DEFAULT_ANSWER_FORM = "free_form"  # the release's, for rows without one
 VAL_SIZE, VAL_SEED = 64, 0
-# The OpenRLHF flags that read the rows written here (None: a switch without a value).
-OPENRLHF_DATA_FLAGS = {
-    "--data.input_key": "prompt",
-    "--data.label_key": "label",
-    "--data.image_key": "images",
-    "--data.apply_chat_template": None,
-}
 _IMAGE_TAG = re.compile(r"<image>\s*")
 _BATCH = 256
-
-
-@dataclass
-class TrainSample:
-    """One training question; serialised as the OpenRLHF label (JSON) that rewards and agents read back."""
-
-    id: str
-    question: str
-    answer: str
-    answer_form: str
-    image: str  # absolute path of the original image, which evidence is cut from
-    fitted_image: str = ""  # the copy the policy sees, fitted to the training pixel budget
-    datasource: str = "p2r"
-    box_count: int = 0  # stage 2: valid boxes the frozen perceiver reported
-    has_evidence: bool = False  # stage 2: the prompt shows the annotated image and crops
-
-    def to_label(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
-
-    @classmethod
-    def from_label(cls, label: str | dict) -> TrainSample:
-        try:
-            data = json.loads(label) if isinstance(label, str) else dict(label)
-            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"not a P2R training label ({exc}): {str(label)[:200]!r}") from None
 
 
 class RowError(ValueError):
@@ -283,30 +246,6 @@ def convert(source: str, out_dir: str | Path, image_root: str | Path | None = No
     return result
 
 
-def policy_messages(text: str, image_count: int) -> list[dict]:
-    """The release's rollout prompt: user text `"<image>\n" * n + text`, cut at each tag into content parts."""
-    parts: list[dict] = []
-    for i in range(image_count):
-        parts += [{"type": "image"}, {"type": "text", "text": "\n" + (text if i == image_count - 1 else "")}]
-    user = parts or [{"type": "text", "text": text}]
-    return [
-        {"role": "system", "content": [{"type": "text", "text": prompts.SYSTEM_PROMPT}]},
-        {"role": "user", "content": user},
-    ]
-
-
-def prompt_row(sample: TrainSample, text: str, images: list[str]) -> dict:
-    """One OpenRLHF prompt-dataset line: the release's rollout prompt, image paths, label."""
-    messages = policy_messages(text, len(images))
-    return {"prompt": messages, "images": images, "label": sample.to_label(), "datasource": sample.datasource}
-
-
-def val_path(path: str | Path) -> Path:
-    """Where the held-out slice of a prompt dataset lives: `perceiver.jsonl` -> `perceiver_val.jsonl`."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}_val.jsonl")
-
-
 def hold_out(samples: list[TrainSample], size: int = VAL_SIZE, seed: int = VAL_SEED) -> tuple[list, list]:
     """(training, validation): `size` samples (at most a tenth) drawn with `seed`, both lists in source order."""
     held = set(random.Random(seed).sample(range(len(samples)), min(size, len(samples) // 10)))
@@ -315,68 +254,3 @@ def hold_out(samples: list[TrainSample], size: int = VAL_SIZE, seed: int = VAL_S
 
 def perceiver_row(sample: TrainSample) -> dict:
     return prompt_row(sample, prompts.perceive_text(sample.question, training=True), [sample.fitted_image or sample.image])
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write all lines to a temporary file, then rename: readers never see half a dataset."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2r_recipe.train.data", description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=ROLES, required=True)
-    parser.add_argument("--source", default=HUB_ID, help=f"hub dataset id, .parquet or .jsonl (default {HUB_ID})")
-    parser.add_argument("--image-root", help="folder that image paths in the source are relative to")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--workers", type=int, help="image-verification threads")
-    parser.add_argument("--cache", type=Path, help="reasoner role: perceiver cache (default OUT/perceiver_cache.jsonl)")
-    parser.add_argument("--val-size", type=int, default=VAL_SIZE, help=f"prompts held out for validation (default {VAL_SIZE})")
-    parser.add_argument("--val-seed", type=int, default=VAL_SEED, help=f"seed of the held-out slice (default {VAL_SEED})")
-    args = parser.parse_args(argv)
-
-    conversion = convert(args.source, args.out, args.image_root, args.workers)
-    train, val = hold_out(conversion.samples, args.val_size, args.val_seed)
-    summary = {"role": args.role, "conversion": conversion.summary()}
-    summary["validation"] = {"size": len(val), "seed": args.val_seed, "ids": [s.id for s in val]}
-    if args.role == "perceiver":
-        output = write_jsonl(args.out / "perceiver.jsonl", map(perceiver_row, train))
-        write_jsonl(val_path(output), map(perceiver_row, val))
-        summary["output"], summary["written"] = str(output), len(train)
-        code = 0
-    else:
-        from p2r_recipe.train.precompute import PrecomputeStopped, run
-        from p2r_recipe.train.services import ServiceConfig
-
-        perceiver = ServiceConfig.from_env("perceiver")
-        try:
-            summary["evidence"] = run(train, args.out, perceiver, args.cache)
-            summary["evidence_val"] = run(val, args.out, perceiver, args.cache, name=val_path("reasoner.jsonl").name)
-            code = 0
-        except PrecomputeStopped as exc:
-            summary["stopped"], code = str(exc), 1
-            print(exc, file=sys.stderr)
-    path = write_json(args.out / f"summary_{args.role}.json", summary)
-    counts = summary["conversion"]
-    print(
-        f"{counts['samples']} samples, {counts['rejected']} rejected {counts['rejected_by_reason']}; summary: {path}",
-        file=sys.stderr,
-    )
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

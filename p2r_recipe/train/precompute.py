@@ -31,14 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from p2r_recipe import prompts
-from p2r_recipe.engines.openai import (
-    ChatClient,
-    RequestRejected,
-    ServiceUnavailable,
-    gather_all,
-    image_part,
-    run_sync,
-)
+from p2r_recipe.client import ChatClient, RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
 from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import (
     TRAIN_BUDGET,
@@ -49,8 +42,8 @@ from p2r_recipe.images import (
     fit_to_budget,
     load_image,
 )
-from p2r_recipe.journal import Journal
-from p2r_recipe.train.data import TrainSample, prompt_row, val_path, write_json, write_jsonl
+from p2r_recipe.records import Journal
+from p2r_recipe.train.schema import TrainSample, prompt_row, val_path, write_json, write_jsonl
 from p2r_recipe.train.services import ServiceConfig
 
 # The release's request to the frozen perceiver (p2r_dataset.py `_call_perceiver`), all of it.
@@ -226,7 +219,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m p2r_recipe.train.precompute", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="perceiver.jsonl from `p2r_recipe.train.data --role perceiver`")
+    parser.add_argument("--input", required=True, type=Path, help="perceiver.jsonl from `p2r_recipe.train.prepare --role perceiver`")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cache", type=Path, help="perceiver cache (default OUT/perceiver_cache.jsonl)")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default $P2R_CONCURRENCY or 64)")

@@ -4,7 +4,7 @@ Signature. OpenRLHF 0.11.2 loads this file with importlib (hence the absolute im
 and calls `reward_func(queries, prompts, labels)` once per rollout, from a worker thread:
 `queries` are prompt + response decoded with special tokens (a VLM's image placeholders
 expanded), `prompts` the chat-formatted prompts, `labels` the JSON labels written by
-`p2r_recipe.train.data` (a `TrainSample`). Batches of any size work.
+`p2r_recipe.train.prepare` (a `TrainSample`). Batches of any size work.
 
 Returns `{"rewards": Tensor[B], "scores": Tensor[B], "extra_logs": {name: Tensor[B]}}`;
 rewards equal scores, in {0, 1}. OpenRLHF turns every extra log into a tensor, so they
@@ -60,12 +60,19 @@ from itertools import combinations
 import torch
 from PIL import Image
 
-from p2r_recipe.engines.openai import RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
+from p2r_recipe.client import RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
 from p2r_recipe.evidence import PLACEHOLDER_LABEL, Box, gather_evidence, iou, parse_boxes
 from p2r_recipe.images import TRAIN_BUDGET, TRAIN_JPEG_QUALITY, ImageError, PixelBudget, load_image
 from p2r_recipe.prompts import reason_text, service_messages
-from p2r_recipe.scoring import TRAINING_LETTERS, VerdictError, extract_choice, score_free_form, score_training, training_answer
-from p2r_recipe.train.data import TrainSample
+from p2r_recipe.scoring import (
+    TRAINING_LETTERS,
+    VerdictError,
+    extract_choice,
+    score_free_form,
+    score_training,
+    training_answer,
+)
+from p2r_recipe.train.schema import TrainSample
 from p2r_recipe.train.services import ServiceConfig, env_number
 
 ROLES = ("perceiver", "reasoner")

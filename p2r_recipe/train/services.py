@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from p2r_recipe.access import is_loopback, read_key_file
-from p2r_recipe.engines.openai import ChatClient
+from p2r_recipe.client import ChatClient
 
 DEFAULT_HOST = "127.0.0.1"
 REASONER_PORT, PERCEIVER_PORT, VERIFIER_PORT = 18901, 18902, 18903

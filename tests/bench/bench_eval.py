@@ -42,7 +42,8 @@ import p2r_recipe.pipeline as pipeline
 from p2r_recipe import prompts
 from p2r_recipe.engines.base import GenParams
 from p2r_recipe.images import PixelBudget
-from p2r_recipe.pipeline import Pipeline, Sample
+from p2r_recipe.pipeline import Pipeline
+from p2r_recipe.records import Sample
 
 MODES = ("default", "thinking", "p2r")
 VARIANTS = {
@@ -56,7 +57,7 @@ def build_4b(out: Path) -> Path:
     """A random-weight model of Qwen3-VL-4B-Instruct's shape (its published config), in bf16, with the tiny tokenizer."""
     from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from p2r_recipe.tiny import build_processor
+    from p2r_recipe.toy.model import build_processor
 
     processor = build_processor()
     tok = processor.tokenizer
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     if args.model == "tiny":
-        from p2r_recipe.tiny import ensure_tiny_model
+        from p2r_recipe.toy.model import ensure_tiny_model
 
         model_dir = ensure_tiny_model()
     elif args.model == "4b":

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     if args.model == "tiny":
-        from p2r_recipe.tiny import ensure_tiny_model
+        from p2r_recipe.toy.model import ensure_tiny_model
 
         model_dir = ensure_tiny_model()
     elif args.model == "4b":

@@ -18,15 +18,14 @@ import asyncio
 import statistics
 import time
 
+import reliability
 from common import machine, parse_args, write_result
 from PIL import Image
-
-import reliability
 from servers import start_p2r_serve
 
-from p2r_recipe.engines.openai import ChatClient, image_part, run_sync
+from p2r_recipe.client import ChatClient, image_part, run_sync
 from p2r_recipe.prompts import Prompt
-from p2r_recipe.tiny import ensure_tiny_model
+from p2r_recipe.toy.model import ensure_tiny_model
 
 
 async def load(

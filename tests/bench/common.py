@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # servers.py, release_rules.py, p2r10k.
 
 import p2r10k
 
-from p2r_recipe.train.data import TrainSample
+from p2r_recipe.train.schema import TrainSample
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
