@@ -93,7 +93,10 @@ def _box(obj: Any) -> Box | None:
     return Box((x1, y1, x2, y2), text, label)
 
 
-def _objects(text: str) -> list[Any]:
+def reply_objects(text: str) -> list[Any]:
+    """The JSON values a perceiver reply holds, before any box rule: the whole reply parsed as a list or an
+    object, else each parsable `{...}` naming `bbox_2d` in prose or code fences. `parse_boxes` keeps the valid
+    boxes among them."""
     try:
         parsed = json.loads(text)
     except (ValueError, RecursionError):
@@ -117,7 +120,7 @@ def parse_boxes(text: str) -> list[Box]:
     """All valid boxes in a perceiver output, in order; never raises on any string."""
     if not isinstance(text, str):
         return []
-    return [box for box in map(_box, _objects(text.strip())) if box is not None]
+    return [box for box in map(_box, reply_objects(text.strip())) if box is not None]
 
 
 def crop_rect(box: Box, width: int, height: int) -> tuple[int, int, int, int]:

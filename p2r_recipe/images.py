@@ -17,6 +17,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .release import (
+    EVAL_MAX_PIXELS,
+    EVAL_MIN_PIXELS,
+    QWEN_FACTOR,
+    TRAIN_JPEG_QUALITY,  # noqa: F401  (re-exported under its old name)
+    TRAIN_MAX_PIXELS,
+    TRAIN_MIN_PIXELS,
+)
+
 # PIL's own decompression-bomb threshold (89 MP); HR-Bench 8K images are 33 MP.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Pixels all the images of one request (p2r-serve) or one training row may decode to together, read
@@ -30,8 +39,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Pillow's JPEG reader returns multi-picture JPEGs (as phones write them) as MPO.
 _OPENED_AS = {*IMAGE_FORMATS, "MPO"}
 MAX_ASPECT_RATIO = 200
-# Qwen3-VL: 16-pixel patches merged 2x2, so image sides are multiples of 32.
-QWEN_FACTOR = 32
 # Below this many pixels a resize is too quick to be worth splitting across threads.
 _SPLIT_MIN_PIXELS = 1 << 20
 _RESIZE_THREADS = min(8, os.cpu_count() or 1)
@@ -60,11 +67,11 @@ class PixelAllowance:
 
 @dataclass(frozen=True)
 class PixelBudget:
-    """Qwen-VL pixel budgets: the first image gets `max_pixels`, crops get `crop_max_pixels`."""
+    """Qwen-VL pixel budgets: the first image gets `max_pixels`, crops get `crop_max_pixels` (default: the release's evaluation)."""
 
-    max_pixels: int = 4096 * 32 * 32
-    min_pixels: int = 16 * 32 * 32
-    crop_max_pixels: int = 4096 * 32 * 32
+    max_pixels: int = EVAL_MAX_PIXELS
+    min_pixels: int = EVAL_MIN_PIXELS
+    crop_max_pixels: int = EVAL_MAX_PIXELS
     factor: int = QWEN_FACTOR
 
     def for_image(self, index: int) -> int:
@@ -77,9 +84,7 @@ class PixelBudget:
 
 # The release trains with smart_resize to at most 2,097,152 pixels and at least 4,096 (qwen-vl-utils'
 # default, which its rollouts and its service calls both use), every image alike.
-TRAIN_BUDGET = PixelBudget(max_pixels=2_097_152, min_pixels=4_096, crop_max_pixels=2_097_152)
-# PIL's default JPEG quality, which the release's training service calls encode with.
-TRAIN_JPEG_QUALITY = 75
+TRAIN_BUDGET = PixelBudget(max_pixels=TRAIN_MAX_PIXELS, min_pixels=TRAIN_MIN_PIXELS, crop_max_pixels=TRAIN_MAX_PIXELS)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

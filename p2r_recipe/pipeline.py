@@ -17,13 +17,12 @@ from .engines.base import Engine, Generation, GenParams
 from .evidence import Evidence, gather_evidence
 from .images import ImageError, PixelBudget, check_image_mode, load_image
 from .records import Record, Sample
+from .release import RELEASE_MAX_NEW_TOKENS, RELEASE_SAMPLING
 from .scoring import answer_text, extract_choice
 
-# The release's evaluation decoding (evaluation/batch_inference_vllm.py): max_tokens per pass
-# (MAX_TOKENS), and one SamplingParams for every pass: temperature 0, top_p 1 (run_eval_batch.sh),
-# repetition_penalty 1.05; top_k and stop unset (vLLM: off, none).
-RELEASE_MAX_NEW_TOKENS = {"default": 16, "thinking": 1024, "p2r": 1024, "perceive": 256}
-RELEASE_DECODING = GenParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.05, stop=())
+# The release's evaluation decoding (release.RELEASE_SAMPLING, one SamplingParams for every pass); a
+# pass's max_tokens come from release.RELEASE_MAX_NEW_TOKENS, re-exported here for the lmms model.
+RELEASE_DECODING = GenParams(**RELEASE_SAMPLING)
 
 
 def release_params(pass_name: str) -> GenParams:
@@ -32,11 +31,13 @@ def release_params(pass_name: str) -> GenParams:
 
 
 class Pipeline:
-    """Runs one mode over batches of samples with one engine.
+    """Runs one mode over batches of samples with one engine, or with a second one for the perceive pass.
 
     `params` decode the answering pass (default: the release's for `mode`); `perceive_params` the
     perceive pass (default: `params` with at most the release's 256 tokens). `image_mode` turns
-    inputs into RGB (images.IMAGE_MODES; default the release's plain conversion).
+    inputs into RGB (images.IMAGE_MODES; default the release's plain conversion). `perceive_engine`
+    and `perceive_budget` give the perceive pass its own model and pixel budget (mixed roles);
+    omitted, `engine` and `budget` play both roles and the requests are exactly those of one engine.
     """
 
     def __init__(
@@ -47,6 +48,8 @@ class Pipeline:
         perceive_params: GenParams | None = None,
         budget: PixelBudget | None = None,
         image_mode: str = "release",
+        perceive_engine: Engine | None = None,
+        perceive_budget: PixelBudget | None = None,
     ):
         if mode not in prompts.MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {prompts.MODES}")
@@ -57,6 +60,8 @@ class Pipeline:
             self.params, max_new_tokens=min(RELEASE_MAX_NEW_TOKENS["perceive"], self.params.max_new_tokens)
         )
         self.budget = budget or PixelBudget()
+        self.perceive_engine = perceive_engine or engine
+        self.perceive_budget = perceive_budget or self.budget
 
     def run(self, samples: list[Sample]) -> list[Record]:
         """One record per sample, in order."""
@@ -67,7 +72,7 @@ class Pipeline:
             evidence = self._perceive(samples, records, images)
         live = list(evidence) if self.mode == "p2r" else list(images)
         final = self._build(live, records, lambda i: self._final_prompt(samples[i], images[i], evidence.get(i)))
-        self._generate(list(final.values()), [records[i] for i in final], self.params, "raw_answer")
+        self._generate(self.engine, list(final.values()), [records[i] for i in final], self.params, "raw_answer")
         for i in final:
             self._extract(samples[i], records[i])
         return records
@@ -98,16 +103,20 @@ class Pipeline:
     def _perceive(self, samples, records, images) -> dict[int, Evidence]:
         """Batched perceive pass; returns the evidence of every sample that got through it."""
         def perceive_prompt(i: int) -> prompts.Prompt:
-            return prompts.Prompt(prompts.perceive_text(samples[i].question), self.budget.fit(images[i][:1]))
+            return prompts.Prompt(prompts.perceive_text(samples[i].question), self.perceive_budget.fit(images[i][:1]))
 
         batch = self._build(list(images), records, perceive_prompt)
-        self._generate(list(batch.values()), [records[i] for i in batch], self.perceive_params, "perceiver_output")
+        perceived = [records[i] for i in batch]
+        self._generate(self.perceive_engine, list(batch.values()), perceived, self.perceive_params, "perceiver_output")
+        # The perceive pass's fit of the original is the reason pass's only when both budgets fit it alike.
+        reusable = _first_fit(self.perceive_budget) == _first_fit(self.budget)
         evidence = {}
         for i in batch:
             record = records[i]
             if record.error is None:
                 found = evidence[i] = gather_evidence(images[i][0], record.perceiver_output or "")
-                found.fitted_original = batch[i].images[0]  # the reason pass's fit patches it (Evidence.fit)
+                if reusable:
+                    found.fitted_original = batch[i].images[0]  # the reason pass's fit patches it (Evidence.fit)
                 record.boxes = [{"bbox_2d": list(b.bbox_2d), "label": b.label} for b in found.boxes]
                 record.box_count, record.mean_box_area = len(found.boxes), found.mean_box_area
                 record.has_evidence = found.has_evidence
@@ -123,21 +132,24 @@ class Pipeline:
             return prompts.Prompt(text, evidence.fit(self.budget, evidence.fitted_original))
         return prompts.Prompt(text, self.budget.fit(images))
 
-    def _generate(self, batch: list[prompts.Prompt], records: list[Record], params: GenParams, target: str) -> None:
-        """Generate for a batch and write each reply into `target` of its record (or its error)."""
+    @staticmethod
+    def _generate(
+        engine: Engine, batch: list[prompts.Prompt], records: list[Record], params: GenParams, target: str
+    ) -> None:
+        """Generate for a batch with `engine` and write each reply into `target` of its record (or its error)."""
         if not batch:
             return
         for prompt, record in zip(batch, records):
             record.prompts.append(prompt.text)
         start = time.perf_counter()
-        generations: list[Generation] = self.engine.generate(batch, params)
+        generations: list[Generation] = engine.generate(batch, params)
         per_sample = (time.perf_counter() - start) / len(batch)
         for gen, record in zip(generations, records):
             record.latency_s += per_sample
             record.input_tokens += gen.input_tokens
             record.output_tokens += gen.output_tokens
             if gen.error is not None:
-                record.error = f"{self.engine.name}: {gen.error}"
+                record.error = f"{engine.name}: {gen.error}"
             else:
                 setattr(record, target, gen.text)
 
@@ -149,3 +161,8 @@ class Pipeline:
             record.prediction = extract_choice(record.answer, sample.letters)
         else:
             record.prediction = record.answer or ""
+
+
+def _first_fit(budget: PixelBudget) -> tuple[int, int, int]:
+    """What decides how `budget` fits a prompt's first image."""
+    return budget.max_pixels, budget.min_pixels, budget.factor

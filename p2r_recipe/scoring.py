@@ -14,6 +14,8 @@ import re
 import threading
 from collections.abc import Awaitable, Callable
 
+from .release import TRAINING_LETTERS, VERIFIER_PARAMS
+
 ANSWER_PREFIXES = (
     "The best answer is",
     "The correct answer is",
@@ -29,9 +31,10 @@ ANSWER_PREFIXES = (
     "The correct option",
 )
 # Two searches, not one lazy pattern: `<answer>(.*?)</answer>` rescans the rest of the text from
-# every unclosed tag, minutes for a megabyte of them.
-_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
+# every unclosed tag, minutes for a megabyte of them. Case-sensitive, as the release's evaluation
+# (and its training reward) reads the tags: `<ANSWER>` is no answer tag.
+_ANSWER_OPEN = re.compile(r"<answer>")
+_ANSWER_CLOSE = re.compile(r"</answer>")
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 
 # Longer "numbers" are not numbers; sympy could spend minutes on a hostile power tower.
@@ -51,16 +54,16 @@ VERIFIER_TEMPLATE = (
     "Question: {question}\nGround truth answer: {ground_truth}\nPredicted answer: {answer}\n\n"
     'Is the predicted answer correct? Reply with only "Yes" or "No".'
 )
-# The release's verifier request (p2r_reward.py), field for field.
-VERIFIER_PARAMS = {"max_tokens": 64, "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
-# The release's training rules: option letters A-E whatever the question lists; forms scored locally.
-TRAINING_LETTERS = "ABCDE"
+# The release's training rules: option letters A-E whatever the question lists (release.TRAINING_LETTERS),
+# forms scored locally; the verifier request is release.VERIFIER_PARAMS, field for field.
 TRAINING_LOCAL_FORMS = ("mca", "na")
 
 
 def answer_text(output: str, mode: str) -> str | None:
-    """The answer part of a model output: inside the first <answer> tags for reasoning modes
-    (None when there are none), the whole output for the default mode."""
+    """The answer part of a model output: inside the first lower-case <answer>...</answer> pair for
+    reasoning modes (None when there is none; `<ANSWER>` or `<Answer>` are not tags, as in the
+    release's case-sensitive `re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)`), the whole
+    output for the default mode."""
     if mode == "default":
         return output.strip()
     opened = _ANSWER_OPEN.search(output)

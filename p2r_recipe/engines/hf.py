@@ -1,20 +1,18 @@
 """The `hf` backend: batched generation with a transformers Qwen-VL model in this process.
 
-On a GPU it defaults to the fast path: a static KV cache with the decoding step compiled
-(CUDA graphs, so a batch-1 step is not bound by Python and kernel launches), images
+On a GPU it defaults to the fast path: a static KV cache whose decoding step replays from
+CUDA graphs (graphs.py; so a step is not bound by Python and kernel launches), images
 normalised and patched on the GPU, and the next batch's prompts prepared on the CPU while
-the current one generates. Each can be turned off (`static_cache`, `compile`,
+the current one generates. Each can be turned off (`static_cache`, `graphs`,
 `images_on_device`, `prefetch`); on a CPU only `prefetch` is on.
 
-The decoding step is compiled once per process for every batch size and cache length
-(dynamic shapes), and inductor's on-disk caches live in a per-user folder, so later
-processes on the same machine reuse the compiled kernels.
+A graph is captured per (batch-size bucket, cache length) on the eager kernels, in a
+fraction of a second: nothing is compiled, so a cold process is fast from its first batch.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -29,7 +27,6 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     BatchFeature,
-    CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
@@ -42,6 +39,7 @@ from ..images import PixelBudget
 from ..prompts import Prompt
 from . import resolve_pretrained
 from .base import Generation, GenParams
+from .graphs import StepGraphs, bucket
 from .local import isolate_failures, processor_size
 
 
@@ -98,12 +96,6 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 AttentionInterface.register("p2r_grouped_sdpa", grouped_sdpa)
 AttentionMaskInterface.register("p2r_grouped_sdpa", sdpa_mask)  # the masks SDPA gets; without it transformers builds none
-
-
-def compile_cache_dir() -> str:
-    """Where inductor keeps compiled kernels: `TORCHINDUCTOR_CACHE_DIR` if set, else a per-user folder that outlives /tmp."""
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "p2r-recipe", "torchinductor")
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
 
 
 @contextmanager
@@ -163,11 +155,13 @@ class _Staged:
 class HFEngine:
     """A Qwen-VL checkpoint (hub id, local dir or `p2r-tiny`) generating in left-padded batches.
 
-    `static_cache`, `compile` and `images_on_device` default to on for CUDA devices, off
+    `static_cache`, `graphs` and `images_on_device` default to on for CUDA devices, off
     otherwise; `cache_step` rounds the static cache's length up so that prompts of similar
-    lengths reuse one compiled decoding step. A server sets `max_time_s` (each generate call
-    stops there, its rows cut like at the token limit) and `interrupt` (setting the event ends
-    generation at the next token).
+    lengths reuse one captured decoding step, and `graph_slots` is how many (batch, cache
+    length) graphs, each with its static cache, stay alive. `graphs` on a CPU runs the same
+    static buffers eagerly (what the CPU tests check). A server sets `max_time_s` (each generate
+    call stops there, its rows cut like at the token limit) and `interrupt` (setting the event
+    ends generation at the next token).
     """
 
     name = "hf"
@@ -180,10 +174,11 @@ class HFEngine:
         batch_size: int = 8,
         budget: PixelBudget | None = None,
         static_cache: bool | None = None,
-        compile: bool | None = None,
+        graphs: bool | None = None,
         images_on_device: bool | None = None,
         prefetch: bool = True,
         cache_step: int = 512,
+        graph_slots: int = 2,
         max_time_s: float | None = None,
         interrupt: threading.Event | None = None,
     ):
@@ -191,9 +186,9 @@ class HFEngine:
         device = resolve_device(device)
         on_gpu = device.startswith("cuda")
         self.static_cache = on_gpu if static_cache is None else static_cache
-        self.compile = self.static_cache and on_gpu if compile is None else compile
-        if self.compile and not self.static_cache:
-            raise ValueError("compile=True needs static_cache=True: only a static cache keeps the decoding step's shapes fixed")
+        self.graphs = self.static_cache and on_gpu if graphs is None else graphs
+        if self.graphs and not self.static_cache:
+            raise ValueError("graphs=True needs static_cache=True: only a static cache keeps the decoding step's shapes fixed")
         self.images_on_device = on_gpu if images_on_device is None else images_on_device
         self.prefetch, self.cache_step = prefetch, cache_step
         self.max_time_s, self.interrupt = max_time_s, interrupt
@@ -208,10 +203,7 @@ class HFEngine:
         self.model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=resolve_dtype(dtype, device), device_map=device, attn_implementation=attention
         ).eval()
-        if self.compile:
-            compile_cache_dir()
-            # One graph for every batch size and cache length: without it each new shape is a recompile (minutes).
-            self.model.generation_config.compile_config = CompileConfig(dynamic=True)
+        self.step_graphs = StepGraphs(self.model, graph_slots) if self.graphs else None
         eos = self.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
@@ -293,12 +285,12 @@ class HFEngine:
         return generations
 
     def _fill(self, batch: list[Prompt]) -> list[Prompt]:
-        """With a static cache, a short batch (a run's last) repeats its last prompt up to `batch_size`: the
-        compiled step specialises on the batch size, and a new one costs a recompile (70-130 s for a 4B model),
-        far more than decoding a few extra rows. The repeats' generations are dropped (zip in `generate`)."""
+        """With a static cache, a short batch (a run's last) repeats its last prompt up to its `bucket` (the next
+        power of two, at most `batch_size`): each batch size has its own captured step and static cache, so a
+        few shapes serve every batch. The repeats' generations are dropped (zip in `generate`)."""
         if not self.static_cache or not batch or len(batch) >= self.batch_size:
             return batch
-        return batch + [batch[-1]] * (self.batch_size - len(batch))
+        return batch + [batch[-1]] * (bucket(len(batch), self.batch_size) - len(batch))
 
     def _runner(self, batch: list[Prompt], staged: Future | None, params: GenParams, seed: int | None):
         """Generate for `batch` from its prefetched stage; parts of it (after a failure split) are staged anew."""
@@ -309,12 +301,16 @@ class HFEngine:
 
         return run
 
-    def _cache(self, prompt_length: int, params: GenParams) -> dict:
-        """generate() arguments for the KV cache: HF's dynamic cache, or a static one of a rounded-up length."""
+    def _cache(self, inputs: BatchFeature, params: GenParams):
+        """A context giving generate() arguments for the KV cache: HF's dynamic cache, or a static one of a
+        rounded-up length (the graphs' own when `graphs` is on). generate() never compiles anything itself."""
         if not self.static_cache:
-            return {}
+            return nullcontext({})
+        batch, prompt_length = inputs["input_ids"].shape
         length = -(-(prompt_length + params.max_new_tokens) // self.cache_step) * self.cache_step
-        return {"cache_implementation": "static", "max_cache_len": length, "disable_compile": not self.compile}
+        if self.step_graphs is not None:
+            return self.step_graphs.session(batch, length)
+        return nullcontext({"cache_implementation": "static", "max_cache_len": length})
 
     def decoding(self, params: GenParams, attention_mask: torch.Tensor) -> dict:
         """generate() arguments that decode as vLLM's SamplingParams do: greedy at temperature 0, else plain
@@ -331,7 +327,8 @@ class HFEngine:
     @torch.inference_mode()
     def _generate(self, inputs: BatchFeature, params: GenParams, seed: int | None) -> list[Generation]:
         sampling = params.temperature > 0
-        with _seeded(seed, self.model.device) if sampling and seed is not None else nullcontext():
+        seeding = _seeded(seed, self.model.device) if sampling and seed is not None else nullcontext()
+        with seeding, self._cache(inputs, params) as cache:
             sequences = self.model.generate(
                 **inputs,
                 max_new_tokens=params.max_new_tokens,
@@ -340,7 +337,8 @@ class HFEngine:
                 pad_token_id=self.processor.tokenizer.pad_token_id,
                 max_time=self.max_time_s,
                 stopping_criteria=StoppingCriteriaList([_Interrupted(self.interrupt)]) if self.interrupt is not None else None,
-                **self._cache(inputs["input_ids"].shape[1], params),
+                disable_compile=True,
+                **cache,
                 **self.decoding(params, inputs["attention_mask"]),
             )
         new = sequences[:, inputs["input_ids"].shape[1] :].cpu()

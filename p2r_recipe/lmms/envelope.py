@@ -5,7 +5,9 @@ cache (`--use_cache`) stores nothing but that string; so, for this project's tas
 reply is the whole record as one JSON object `{"p2r_record": {...}}`. `<` and `>` are
 written as JSON escapes, so lmms-eval's reasoning-tag stripping (`--reasoning_tags`,
 on by default for `<think>`) can never cut into it. Task scoring reads only the record's
-`answer`; lmms-eval's other tasks never see an envelope.
+`answer`; lmms-eval's other tasks never see an envelope. Beside the record's own fields,
+`passes` says which model on which backend produced each pass (`perceive`, `answer`), so a
+logged sample of a mixed-roles run names both of its models.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ KEY = "p2r_record"
 _PREFIX = '{"' + KEY + '"'
 
 
-def wrap(record: Record) -> str:
-    """The record as envelope text (its prompts left out: they follow from question and mode)."""
+def wrap(record: Record, passes: dict[str, dict[str, str]] | None = None) -> str:
+    """The record as envelope text (its prompts left out: they follow from question and mode), with `passes`
+    (pass name -> {"model", "backend", ...}) when given."""
     fields = record.to_dict()
     del fields["prompts"]
+    if passes is not None:
+        fields["passes"] = passes
     # ASCII escapes: lmms-eval writes replies as UTF-8, which cannot encode a lone surrogate a model may write.
     text = json.dumps({KEY: fields}, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e")

@@ -21,6 +21,12 @@ world size from accelerate and its own device: the hf backend loads the model on
 cuda:{local_rank} (the CPU under accelerate's CPU/gloo path), the vllm backend builds one
 engine per process on its own `tensor_parallel_size` GPUs, and with `record_cache=PATH`
 each rank keeps its own journal, PATH.rank{R}of{N}.
+
+Mixed roles: `perceiver_pretrained`, `perceiver_backend`, `perceiver_base_url` or
+`perceiver_served_model` give p2r mode's perceive pass its own engine; the other arguments
+then name the reasoner. Omitted, one engine plays both roles and sends exactly the requests
+it always did. Each record's envelope names the model and backend of each pass
+(`passes`); lmms-eval's results JSON keeps the model args, which name both.
 """
 
 from __future__ import annotations
@@ -40,17 +46,16 @@ from loguru import logger
 from tqdm import tqdm
 
 from ..client import RequestRejected, ServiceUnavailable
-from ..engines import is_toy, make_engine, resolve_backend
+from ..engines import Engine, is_toy, make_engine, resolve_backend
 from ..images import PixelBudget, check_image_mode
 from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline
 from ..prompts import MODES
 from ..records import Journal, Record, Sample
 from . import envelope, registration
+from .roles import API_KEY_ENV, PERCEIVER, PERCEIVER_API_KEY_ENV, RoleEngine, decoding, describe, service_key
+from .roles import perceiver_engine_args
 
 ANSWER_FORM_KEY = "p2r_answer_form"
-# Where the openai backend's key comes from by default: a key in --model_args ends up in argv and in
-# what lmms-eval prints (the CLI takes it out; see registration.take_cli_key).
-API_KEY_ENV = "P2R_API_KEY"
 # Option lines of a multiple-choice question: "A. red", "(B) blue", "C) green".
 _OPTION = re.compile(r"^\s*\(?([A-F])(?:\)|\.|\s)", re.MULTILINE)
 
@@ -100,7 +105,17 @@ class P2R(lmms):
     `tensor_parallel_size` for vllm, `timeout_s` for openai), except vllm's `data_parallel_size`:
     the number of processes (see the module docstring). `batch_size` (lmms-eval's `--batch_size`)
     is the hf batch; vllm and openai keep `concurrency` samples in flight, per process. The openai
-    backend's key is `api_key`, else $P2R_API_KEY (`api_key_env` names another variable).
+    backend's key is `api_key`, else the file named by $P2R_API_KEY_FILE (mode 600), else $P2R_API_KEY
+    (`api_key_env` names another variable).
+
+    Mixed roles (p2r mode only): `perceiver_pretrained`, `perceiver_backend`, `perceiver_base_url` and
+    `perceiver_served_model` name the perceive pass's engine as the unprefixed ones name the reasoner's
+    (an unnamed perceiver model is `pretrained`). Its key is read like the reasoner's from
+    $P2R_PERCEIVER_API_KEY_FILE / $P2R_PERCEIVER_API_KEY (`perceiver_api_key_env` names another
+    variable); a key in the model args is refused. `perceiver_max_pixels` / `perceiver_min_pixels` and
+    `perceiver_temperature`, `perceiver_top_p`, `perceiver_top_k`, `perceiver_repetition_penalty`,
+    `perceiver_stop` set the perceive pass's own pixels and decoding (default: the reasoner's); any other
+    `perceiver_X` goes to the perceiver's engine as `X` (e.g. `perceiver_timeout_s`).
     """
 
     is_simple = True
@@ -131,6 +146,18 @@ class P2R(lmms):
         concurrency: int = 32,
         record_cache: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval's --max_batch_size, for `auto` batch sizes: unused
+        perceiver_pretrained: str | None = None,
+        perceiver_backend: str | None = None,
+        perceiver_base_url: str | None = None,
+        perceiver_served_model: str | None = None,
+        perceiver_api_key_env: str = PERCEIVER_API_KEY_ENV,
+        perceiver_max_pixels: int | None = None,
+        perceiver_min_pixels: int | None = None,
+        perceiver_temperature: float | None = None,
+        perceiver_top_p: float | None = None,
+        perceiver_top_k: int | None = None,
+        perceiver_repetition_penalty: float | None = None,
+        perceiver_stop: str | None = None,
         **engine_kwargs,
     ):
         super().__init__()
@@ -142,45 +169,57 @@ class P2R(lmms):
         self.budget = PixelBudget(
             max_pixels=int(max_pixels), min_pixels=int(min_pixels), crop_max_pixels=int(crop_max_pixels or max_pixels)
         )
-        sampling = replace(
-            RELEASE_DECODING,
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            repetition_penalty=float(repetition_penalty),
-            stop=tuple(s for s in str(stop or "").split("|") if s),
+        own_decoding = (
+            perceiver_temperature, perceiver_top_p, perceiver_top_k, perceiver_repetition_penalty, perceiver_stop
+        )  # fmt: skip
+        mixed, perceiver_kwargs = perceiver_engine_args(
+            mode, (perceiver_pretrained, perceiver_backend, perceiver_base_url, perceiver_served_model),
+            (perceiver_max_pixels, perceiver_min_pixels), own_decoding, engine_kwargs, perceiver_api_key_env,
+        )  # fmt: skip
+        self.perceive_budget = replace(
+            self.budget,
+            max_pixels=int(perceiver_max_pixels or self.budget.max_pixels),
+            min_pixels=int(perceiver_min_pixels or self.budget.min_pixels),
         )
+        reasoner_decoding = (temperature, top_p, top_k, repetition_penalty, stop)
+        sampling = decoding(RELEASE_DECODING, *reasoner_decoding)
+        # The perceive pass decodes as the reasoner unless told otherwise, argument by argument.
+        perceive_decoding = [o if o is not None else r for o, r in zip(own_decoding, reasoner_decoding)]
+        perceive_sampling = decoding(RELEASE_DECODING, *perceive_decoding)
         answer_tokens = int(max_new_tokens or RELEASE_MAX_NEW_TOKENS[mode])
         perceive_tokens = perceive_max_new_tokens or min(RELEASE_MAX_NEW_TOKENS["perceive"], answer_tokens)
         self.params = replace(sampling, max_new_tokens=answer_tokens)
-        self.perceive_params = replace(sampling, max_new_tokens=int(perceive_tokens))
+        self.perceive_params = replace(perceive_sampling, max_new_tokens=int(perceive_tokens))
         if not str(batch_size).isdigit():
             raise ValueError(f"p2r: batch_size must be a positive integer, got {batch_size!r}")
         self.accelerator = Accelerator()
         self._rank, self._world_size, self._local_rank = placement(self.accelerator)
         on_gpu = self._world_size > 1 and torch.cuda.is_available()
         self._device = torch.device(f"cuda:{self._local_rank}") if on_gpu else self.accelerator.device
-        if backend == "openai":
-            model = served_model or pretrained
-            if not (base_url and model):
-                raise ValueError("p2r: backend=openai needs base_url and served_model (or pretrained)")
-            api_key = api_key or registration.cli_api_key or os.environ.get(api_key_env) or None
-            engine_kwargs.update(base_url=base_url, model=model, api_key=api_key, concurrency=int(concurrency))
-        elif pretrained is None:
-            raise ValueError("p2r: pretrained is required (a hub id, a local directory, or p2r-tiny)")
-        elif backend == "hf":
-            if device in ("auto", "cuda") and self._world_size > 1:
-                device = str(self._device)  # cuda:{local_rank}, or cpu under accelerate's CPU path
-            engine_kwargs.update(pretrained=pretrained, device=device, dtype=dtype, batch_size=int(batch_size))
-        else:
-            self._place_vllm(engine_kwargs)
-            engine_kwargs.update(pretrained=pretrained, dtype=dtype)
-        self.engine = make_engine(backend, budget=self.budget, **engine_kwargs)
-        if pretrained and is_toy(pretrained):
-            logger.warning(
-                "p2r: the offline tiny toy model (random, or trained on synthetic scenes only): "
-                "its scores are not a benchmark result."
-            )
+        if device in ("auto", "cuda") and self._world_size > 1:
+            device = str(self._device)  # cuda:{local_rank}, or cpu under accelerate's CPU path
+        shared = {"device": device, "dtype": dtype, "batch_size": int(batch_size), "concurrency": int(concurrency)}
+        reasoner_key = api_key or registration.cli_api_key
+        reasoner_key = reasoner_key or (service_key(api_key_env) if backend == "openai" else None)
+        self.engine, reasoner = self._make_engine(
+            "reasoner", backend, pretrained, base_url, served_model, reasoner_key, self.budget, shared, engine_kwargs
+        )
+        # (perceive engine, reason engine) as the pipeline gets them; mixed, each names its role if its service fails.
+        self._roles, self.perceiver_engine, perceiver = (self.engine, self.engine), None, reasoner
+        if mixed:
+            perceiver_backend = resolve_backend(perceiver_backend or "auto", perceiver_base_url)
+            if perceiver_backend == "vllm" and self._world_size > 1:
+                raise ValueError("p2r: a vllm perceiver runs in one-process runs only; serve it (perceiver_base_url)")
+            self.perceiver_engine, perceiver = self._make_engine(
+                "perceiver", perceiver_backend, perceiver_pretrained or (None if perceiver_base_url else pretrained),
+                perceiver_base_url, perceiver_served_model,
+                service_key(perceiver_api_key_env) if perceiver_backend == "openai" else None,
+                self.perceive_budget, shared, perceiver_kwargs,
+            )  # fmt: skip
+            self._roles = (RoleEngine("perceiver", self.perceiver_engine, perceiver),
+                           RoleEngine("reasoner", self.engine, reasoner))  # fmt: skip
+        # Which model and backend produce each pass: written into every record's envelope.
+        self.passes = {"perceive": perceiver, "answer": reasoner} if mode == "p2r" else {"answer": reasoner}
         self.chunk_size = int(batch_size) if backend == "hf" else int(concurrency)
         if record_cache and self._world_size > 1:
             record_cache = f"{record_cache}.rank{self._rank}of{self._world_size}"  # one writer per file
@@ -188,11 +227,41 @@ class P2R(lmms):
         # What makes a cached record valid for this run: the model and every setting that changes its answer.
         self._identity = [served_model or pretrained, mode, self.budget.max_pixels, self.budget.min_pixels,
                           self.budget.crop_max_pixels, image_mode, repr(self.params), repr(self.perceive_params)]
+        if mixed:  # a run with one engine keeps the identity (and so the cached records) it always had
+            self._identity += [perceiver, self.perceive_budget.max_pixels, self.perceive_budget.min_pixels]
 
     @property
     def device(self) -> torch.device:
         """This process's device; lmms-eval gathers the per-rank request counts on it."""
         return self._device
+
+    def _make_engine(self, role: str, backend: str, pretrained: str | None, base_url: str | None,
+                     served_model: str | None, api_key: str | None, budget: PixelBudget, shared: dict,
+                     engine_kwargs: dict) -> tuple[Engine, dict[str, str]]:  # fmt: skip
+        """One role's engine and what records say about it; the reasoner's arguments are today's `p2r` ones."""
+        prefix = "" if role == "reasoner" else PERCEIVER
+        if backend == "openai":
+            model = served_model or pretrained
+            if not (base_url and model):
+                needs = f"{prefix}base_url and {prefix}served_model (or {prefix}pretrained)"
+                raise ValueError(f"p2r: {prefix}backend=openai needs {needs}")
+            engine_kwargs.update(base_url=base_url, model=model, api_key=api_key, concurrency=shared["concurrency"])
+        elif pretrained is None:
+            raise ValueError(f"p2r: {prefix}pretrained is required (a hub id, a local directory, or p2r-tiny)")
+        elif backend == "hf":
+            model = pretrained
+            engine_kwargs.update(pretrained=pretrained, **{k: shared[k] for k in ("device", "dtype", "batch_size")})
+        else:
+            model = pretrained
+            self._place_vllm(engine_kwargs)
+            engine_kwargs.update(pretrained=pretrained, dtype=shared["dtype"])
+        engine = make_engine(backend, budget=budget, **engine_kwargs)
+        if pretrained and is_toy(pretrained):
+            logger.warning(
+                f"p2r: {'the ' + role + ' is ' if prefix else ''}the offline tiny toy model (random, or trained on "
+                "synthetic scenes only): its scores are not a benchmark result."
+            )
+        return engine, describe(backend, model, base_url)
 
     def _place_vllm(self, engine_kwargs: dict) -> None:
         """Data parallelism for vllm is lmms-eval's process split: one engine per process, on its own GPUs.
@@ -243,25 +312,29 @@ class P2R(lmms):
             logger.warning(
                 f"p2r: {len(errors)} of {len(requests)} samples failed and count as wrong; first: {errors[0]}"
             )
-        client = getattr(self.engine, "client", None)
-        if client is not None and client.stats["retries"]:
-            stats = client.stats
-            logger.warning(
-                f"p2r: {client.name} service at {client.base_url}: {stats['retries']} retries and "
-                f"{stats['waited_s']:.1f} s of waiting over {stats['requests']} requests; it recovered each time"
-            )
+        for engine in filter(None, (self.perceiver_engine, self.engine)):
+            client = getattr(engine, "client", None)
+            if client is not None and client.stats["retries"]:
+                stats = client.stats
+                logger.warning(
+                    f"p2r: {client.name} service at {client.base_url}: {stats['retries']} retries and "
+                    f"{stats['waited_s']:.1f} s of waiting over {stats['requests']} requests; it recovered each time"
+                )
         return collator.get_original(replies)
 
     def _answer(self, chunk: list[tuple]) -> list[tuple[Record, GenerationResult]]:
         """Records and replies of one batch of request args (all with the same generation kwargs)."""
         gen_kwargs = chunk[0][1]
+        perceive_engine, reason_engine = self._roles
         pipeline = Pipeline(
-            self.engine,
+            reason_engine,
             self.mode,
             params=self.params,
             perceive_params=self.perceive_params,
             budget=self.budget,
             image_mode=self.image_mode,
+            perceive_engine=perceive_engine,
+            perceive_budget=self.perceive_budget,
         )
         ours = ANSWER_FORM_KEY in gen_kwargs
         samples: list[Sample] = []
@@ -290,16 +363,16 @@ class P2R(lmms):
             for key, record in zip(keys, answered):
                 if record.error is None and key not in self.journal:
                     self.journal.add(key, record.to_dict(), id=record.id)
-        return [(record, self._reply(record, ours)) for record in answered]
+        return [(record, self._reply(record, ours, self.passes)) for record in answered]
 
     def _key(self, context: str, doc_id, task: str, split: str) -> str:
         return hashlib.sha256(json.dumps([*self._identity, task, split, doc_id, context]).encode()).hexdigest()
 
     @staticmethod
-    def _reply(record: Record, ours: bool) -> GenerationResult:
+    def _reply(record: Record, ours: bool, passes: dict) -> GenerationResult:
         tokens = TokenCounts(input_tokens=record.input_tokens, output_tokens=record.output_tokens)
         if ours:
-            return GenerationResult(envelope.wrap(record), tokens)
+            return GenerationResult(envelope.wrap(record, passes), tokens)
         if record.error is not None:
             # Empty replies are scored wrong by the task and never cached, so --use_cache retries them.
             return GenerationResult("", tokens)

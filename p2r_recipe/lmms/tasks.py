@@ -7,18 +7,32 @@ every sample to return every metric it returns at all, so a sample returns None 
 metric does not apply to it (another category's accuracy; `boxes` when the perceiver did
 not run) and `mean_known` skips those; a whole run returns no `boxes*` outside p2r mode
 and no cost metrics for other models' replies, so lmms-eval omits them: never NaN.
+
+Circular evaluation (the `*_circular` task variants): `circular_docs` asks every question once
+per rotation of its options (a doc per rotation, lmms-eval's own requests, so every model,
+backend, `--use_cache` and `record_cache` work unchanged). Rotation 0 is the stored question,
+byte for byte: its samples give the release's metrics (`overall`, per category); all rotations
+together give `overall_circular` and `<category>_circular`, where a question counts as correct
+only when every rotation is. `letter_bias` (every task) counts predicted letters against the
+ground-truth letters.
+
+Hub copies: lmms-eval 0.7.3 moved its tasks' datasets from `lmms-lab/...` to
+`lmms-lab-encoder/...` (V*: `lmms-lab/vstar-bench` -> `lmms-lab-encoder/vstar-bench`, same
+fields). `read_hub_copies` (installed by the V* tasks' utils.py) makes lmms-eval's download
+try each copy in HUB_COPIES in turn and, when none loads, stop naming them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loguru import logger
 from PIL import Image
 
 from .. import prompts
 from ..scoring import answer_text
-from . import envelope
-from .benchmarks import Benchmark
+from . import benchmarks, envelope
+from .benchmarks import NO_LETTER, Benchmark
 
 
 @dataclass
@@ -52,6 +66,72 @@ def read_reply(text: str) -> Reply:
     )
 
 
+# Columns `circular_docs` adds: which rotation a doc asks, and how many its question has.
+ROTATION = "p2r_rotation"
+ROTATIONS = "p2r_rotations"
+# A dataset's hub ids, in the order they are tried: the one the P2R release names first.
+HUB_COPIES = {"lmms-lab/vstar-bench": ("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench")}
+
+
+class DatasetMissing(SystemExit):
+    """No hub copy of a task's dataset could be loaded. A SystemExit, because lmms-eval 0.7.3 logs
+    an Exception raised while it loads tasks and exits 0, which a script would take for success."""
+
+
+def _reason(exc: BaseException) -> str:
+    # lmms-eval retries the download with tenacity, whose RetryError hides the real failure.
+    last = getattr(exc, "last_attempt", None)
+    cause = last.exception() if last is not None and last.failed else exc
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+
+
+def read_hub_copies() -> None:
+    """Make lmms-eval's `ConfigurableTask.download` try every hub copy of a dataset in HUB_COPIES, in
+    order, and raise DatasetMissing naming each copy and why it failed when none loads (idempotent).
+
+    The copy that loaded becomes the task's `dataset_path`, so the results JSON names it; reading
+    another than the first is logged. Tasks of other datasets download exactly as before.
+    """
+    # Imported here: only lmms-eval runs load task utils, and lmms-eval is heavy to import.
+    from lmms_eval.api.task import ConfigurableTask
+
+    builtin = ConfigurableTask.download
+    if getattr(builtin, "p2r_copies", False):
+        return
+
+    def download(self, dataset_kwargs=None):
+        copies = HUB_COPIES.get(self.DATASET_PATH)
+        if copies is None:
+            return builtin(self, dataset_kwargs)
+        failures = []
+        for path in copies:
+            self.DATASET_PATH = path
+            try:
+                builtin(self, dataset_kwargs)
+            except Exception as exc:  # any failure to load one copy means: try the next
+                failures.append(f"  {path}: {_reason(exc)}")
+                continue
+            if path != copies[0]:
+                logger.warning(f"p2r: {copies[0]} could not be loaded; read {path}, its copy with the same fields")
+            self.config.dataset_path = path
+            return None
+        raise DatasetMissing(
+            f"p2r: task {self.config.task}: none of the hub copies of its dataset could be loaded:\n"
+            + "\n".join(failures)
+            + f"\nDownload one, e.g. `hf download --repo-type dataset {copies[0]}` "
+            f"(or {' / '.join(copies[1:])}), with network access (HF_HUB_OFFLINE unset)."
+        )
+
+    download.p2r_copies = True
+    download.__doc__ = builtin.__doc__
+    ConfigurableTask.download = download
+
+
+def asked(benchmark: Benchmark, doc: dict) -> dict:
+    """The doc as asked: its stored form, or its rotation in a circular task."""
+    return benchmark.rotate(doc, doc.get(ROTATION) or 0)
+
+
 def doc_to_visual(benchmark: Benchmark, doc: dict) -> list[Image.Image]:
     """The doc's images decoded as stored (their PIL mode, no EXIF rotation): the `p2r` model converts
     them by its `image_mode`. A corrupt one raises ImageError, which the model makes a per-sample error."""
@@ -69,29 +149,64 @@ def undecoded_images(dataset):
     return dataset
 
 
+def circular_docs(benchmark: Benchmark, dataset):
+    """`process_docs` of a circular task: each doc once per rotation (ROTATION 0..N-1, N options),
+    the rotations of a question next to each other, so `--limit` takes whole questions.
+
+    The stored rows are not copied (a column added per rotation, then an index over them), so a
+    benchmark's images take no more disk or memory. Raises ValueError naming a doc whose ground
+    truth is none of its options.
+    """
+    # Imported here, as in undecoded_images: `datasets` comes with lmms-eval and only its runs need it.
+    from datasets import concatenate_datasets
+
+    light = dataset.remove_columns([c for c in benchmark.image_columns if c in dataset.column_names])
+    counts = []
+    for doc in light:
+        counts.append(benchmark.rotations(doc))
+        benchmark.rotate(doc, 1)  # a doc that cannot be rotated fails here, before any request
+    copies = [
+        dataset.add_column(ROTATION, [shift] * len(dataset)).add_column(ROTATIONS, counts)
+        for shift in range(max(counts, default=1))
+    ]
+    whole = concatenate_datasets(copies)
+    return whole.select([shift * len(dataset) + i for i, n in enumerate(counts) for shift in range(n)])
+
+
 def doc_to_text(benchmark: Benchmark, doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
     """The bare question for the `p2r` model (its mode adds the post-prompt); other models get the
     release's direct-answer prompt (`direct_prompt: true` in the YAML's default kwargs)."""
-    question = benchmark.question(doc)
+    question = benchmark.question(asked(benchmark, doc))
     if (lmms_eval_specific_kwargs or {}).get("direct_prompt"):
         return prompts.direct_text(question, benchmark.answer_form)
     return question
 
 
 def process_results(benchmark: Benchmark, doc: dict, results: list[str]) -> dict[str, float | None]:
-    """Per-sample metric values; an errored sample scores 0 and counts 1 in `errors`."""
+    """Per-sample metric values; an errored sample scores 0 and counts 1 in `errors`.
+
+    In a circular task the release's accuracies come from rotation 0 alone (None for the others);
+    every rotation adds to `*_circular`, the cost metrics and `letter_bias`.
+    """
     reply = read_reply(results[0])
+    shift = doc.get(ROTATION)
     item = benchmark.item(
-        doc,
+        asked(benchmark, doc),
         reply.answer,
         boxes=reply.boxes,
         output_tokens=reply.output_tokens,
         seconds=reply.seconds,
         error=reply.error,
     )
-    score, own = 100.0 * item["correct"], item["category"]
+    own = item["category"]
+    score = 100.0 * item["correct"] if not shift else None
     metrics = {"overall": score, "errors": int(item["error"] is not None)}
     metrics.update({c: score if c == own else None for c in benchmark.categories})
+    metrics["letter_bias"] = {"predicted": item["prediction"] or NO_LETTER, "truth": item["answer"]}
+    if shift is not None:
+        rotation = {"id": item["id"], "rotation": shift, "rotations": doc[ROTATIONS], "correct": item["correct"]}
+        metrics["overall_circular"] = rotation
+        metrics.update({f"{c}_circular": rotation if c == own else None for c in benchmark.categories})
     if reply.mode == "p2r":
         metrics["boxes"] = reply.boxes
         metrics.update({f"boxes_{c}": reply.boxes if c == own else None for c in benchmark.categories})
@@ -101,7 +216,8 @@ def process_results(benchmark: Benchmark, doc: dict, results: list[str]) -> dict
 
 
 def bind(benchmark: Benchmark):
-    """The `doc_to_visual`, `doc_to_text` and `process_results` a task's utils.py exposes, bound to one benchmark."""
+    """The `doc_to_visual`, `doc_to_text`, `process_results` and circular `process_docs` a task's
+    utils.py exposes, bound to one benchmark."""
 
     def visual(doc):
         return doc_to_visual(benchmark, doc)
@@ -112,7 +228,10 @@ def bind(benchmark: Benchmark):
     def results(doc, results):
         return process_results(benchmark, doc, results)
 
-    return visual, text, results
+    def circular(dataset):
+        return circular_docs(benchmark, dataset)
+
+    return visual, text, results, circular
 
 
 def mean_known(values: list[float | None]) -> float | None:
@@ -124,6 +243,30 @@ def mean_known(values: list[float | None]) -> float | None:
 def total(values: list[int]) -> int:
     """Aggregation of `errors` within a task."""
     return sum(values)
+
+
+def circular_accuracy(values: list[dict | None]) -> float | None:
+    """CircularEval accuracy x100: a question is correct only if all its rotations are.
+
+    A question with a rotation missing (a `--limit` cut) is left out, with a warning that counts
+    them; None when no question is complete.
+    """
+    questions: dict[str, list[dict]] = {}
+    for value in values:
+        if value is not None:
+            questions.setdefault(value["id"], []).append(value)
+    complete = [q for q in questions.values() if sorted(r["rotation"] for r in q) == list(range(q[0]["rotations"]))]
+    if len(complete) < len(questions):
+        logger.warning(
+            f"p2r: circular accuracy leaves out {len(questions) - len(complete)} of {len(questions)} questions "
+            "whose rotations were not all answered once each (a --limit that cuts a question?)"
+        )
+    return 100.0 * sum(all(r["correct"] for r in q) for q in complete) / len(complete) if complete else None
+
+
+def letter_bias(values: list[dict]) -> dict:
+    """Aggregation of `letter_bias` within a task: benchmarks.letter_bias over every sample."""
+    return benchmarks.letter_bias([v["predicted"] for v in values], [v["truth"] for v in values])
 
 
 def group_mean(metrics: list[float | None], sizes: list[int], weight_by_size: bool = True) -> float | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from . import letter_bias
 from .published import published_scores
 
 # The one place task names live: lmms-eval task -> (leaderboard table, benchmark).
@@ -43,6 +44,13 @@ TITLES = {
     "mme_lite": "MME-RealWorld-lite (accuracy %)",
     "mme": "MME-RealWorld (accuracy %)",
 }
+# Circular evaluation (each table's *_circular tasks): the release-order score, then "circ" = right in every rotation.
+TASKS |= {f"{task}_circular": (f"{table}_circular", f"{bench} circ") for task, (table, bench) in TASKS.items()}
+METRICS |= {
+    f"{bench} circ": {"overall": columns["overall"]} | {f"{m}_circular": f"{c} circ" for m, c in columns.items()}
+    for bench, columns in list(METRICS.items())
+}
+TITLES |= {f"{t}_circular": f"{title.split(' (')[0]}, circular evaluation (accuracy %)" for t, title in TITLES.items()}
 AVERAGED = ("V*", "HR4K", "HR8K")  # the paper's Avg: the mean of these benchmarks' overall scores
 # cost metric -> (column, format); errors add up over a table's tasks, the others are per-sample means
 COSTS = {
@@ -65,6 +73,7 @@ class TaskResult:
     samples: int
     file: str
     date: str
+    letter_bias: dict | None = None  # lmms-eval's `letter_bias` metric, where the run has it
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Row:
     source: str  # "run", "published" or DELTA
     values: dict[str, float | None]
     files: dict[str, str] = field(default_factory=dict)  # task -> result file
+    bias: dict[str, dict] = field(default_factory=dict)  # task -> its letter_bias
 
 
 @dataclass
@@ -93,6 +103,18 @@ def display_model(pretrained: str) -> str:
     """The last path component of `pretrained`; the offline tiny model is flagged as random."""
     name = pretrained.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return "p2r-tiny (toy)" if name in TINY_NAMES else name
+
+
+def run_model(args: dict[str, str], pretrained: str) -> str:
+    """The Model column of a run: its model, or `PERCEIVER -> REASONER` when `--model p2r` took the perceive
+    pass from another engine (perceiver_* model args; a perceiver named only by its backend is the reasoner's
+    model on that backend)."""
+    named = [args.get(f"perceiver_{k}") for k in ("pretrained", "served_model", "backend", "base_url")]
+    if not any(named):
+        return display_model(pretrained)
+    reasoner = args.get("pretrained") or args.get("served_model") or pretrained
+    perceiver = named[0] or named[1] or reasoner
+    return f"{display_model(perceiver)} -> {display_model(reasoner)}"
 
 
 def parse_model_args(model_args: object) -> dict[str, str]:
@@ -141,10 +163,11 @@ def read_result_file(path: Path) -> tuple[tuple[str, str], dict[str, TaskResult]
         if task in TASKS:
             metrics = read_metrics(task, entry, set(METRICS[TASKS[task][1]]) | set(COSTS))
             samples = entry["samples"] if isinstance(entry.get("samples"), int) and entry["samples"] > 0 else 1
-            tasks[task] = TaskResult(metrics, samples, str(path), date)
+            bias = entry.get("letter_bias,none") if isinstance(entry.get("letter_bias,none"), dict) else None
+            tasks[task] = TaskResult(metrics, samples, str(path), date, bias)
     if not tasks:
         raise ValueError(f"no leaderboard task in it (has: {', '.join(data['results']) or 'nothing'})")
-    return (display_model(str(pretrained)), args.get("mode", "default")), tasks
+    return (run_model(args, str(pretrained)), args.get("mode", "default")), tasks
 
 
 def collect(paths: list[Path]) -> tuple[dict[tuple[str, str], dict[str, TaskResult]], list[str]]:
@@ -182,7 +205,8 @@ def run_row(table: str, key: tuple[str, str], tasks: dict[str, TaskResult]) -> R
     for task, result in mine.items():
         values |= {column: result.metrics.get(metric) for metric, column in METRICS[TASKS[task][1]].items()}
     values |= {column: combine(metric, list(mine.values())) for metric, (column, _) in COSTS.items()}
-    return Row(*key, "run", values, {task: result.file for task, result in mine.items()})
+    bias = {task: result.letter_bias for task, result in mine.items() if result.letter_bias}
+    return Row(*key, "run", values, {task: result.file for task, result in mine.items()}, bias)
 
 
 def find_baseline(rows: list[Row], baseline: str) -> Row | None:
@@ -255,6 +279,7 @@ def to_markdown(tables: list[Table], problems: list[str], sources: bool) -> str:
     for t in tables:
         header, *body = grid(t.rows, t.columns, sources)
         parts += [f"### {t.title}", *filter(None, [t.note]), tabulate(body, header, "pipe", **TABULATE)]
+    parts += list(filter(None, [letter_bias.markdown(tables)]))
     parts += ["Skipped:\n\n" + "\n".join(f"- {p}" for p in problems)] if problems else []
     return "\n\n".join(parts) + "\n"
 

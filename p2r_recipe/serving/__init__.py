@@ -1,1 +1,2 @@
-"""p2r-serve, along vLLM's seam: `protocol` (requests in, errors out), `batcher` (micro-batching), `app` (HTTP and CLI)."""
+"""p2r-serve, along vLLM's seam: `schema` and `protocol` (requests in, errors out), `batcher` (micro-batching),
+`budget` (decoded pixels in flight), `app` (HTTP and CLI). See README.md here."""

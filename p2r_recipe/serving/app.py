@@ -10,7 +10,8 @@ and `seed` are honoured as in vLLM, and any other option is refused with a 400 n
 
 Limits (each a 4xx naming it, the server staying up): the body (`--max-body-mb`), 16 images and
 `MAX_TOTAL_PIXELS` decoded pixels per request (read from the headers before decoding), the
-model's context (prompt text and image tokens plus `max_tokens`), and `--max-generation-s` per
+decoded pixels of all requests in flight together (`--max-pixels-in-flight`: a request waits for
+room, and gets a 503 after `--pixel-wait-s`), the model's context (prompt text and image tokens plus `max_tokens`), and `--max-generation-s` per
 engine call, so a request waits at most for the engine calls queued ahead of it, each of at
 most `--max-batch` requests and that many seconds. SIGTERM ends a generation at its next token.
 Without a key, POST bodies must be `application/json` and the Host header a name of this
@@ -38,9 +39,18 @@ from fastapi.responses import JSONResponse
 from ..access import is_loopback, read_key_file
 from ..engines import is_toy
 from ..engines.base import Engine, GenParams
+from ..images import MAX_TOTAL_PIXELS
 from ..prompts import Prompt
 from .batcher import MicroBatcher
-from .protocol import APIError, check_template_kwargs, fit_context, parse_request
+from .budget import DEFAULT_PIXEL_WAIT_S, DEFAULT_PIXELS_IN_FLIGHT, PixelsInFlight
+from .protocol import (
+    APIError,
+    ChatRequest,
+    check_template_kwargs,
+    decode_images,
+    fit_context,
+    parse_request,
+)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # A generation (one engine call of up to --max-batch requests) stops here: the bound on how long
@@ -86,14 +96,17 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     allowed_hosts: tuple[str, ...] = ("localhost",),
     stopping: threading.Event | None = None,
+    pixels: PixelsInFlight | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models` (bearer key when set) and `/health` (open).
 
     Without a key, requests other than `/health` must name this server in their Host header
     (an IP address, or one of `allowed_hosts`; "*" allows any) and POST bodies must be JSON.
-    Setting `stopping` answers every waiting or generating request with a 503.
+    Setting `stopping` answers every waiting or generating request with a 503. A request holds its
+    images' pixels (from their headers) in `pixels` from before decoding them until it is answered.
     """
     batcher = MicroBatcher(engine, max_batch, batch_wait_s, stopping or threading.Event())
+    pixels = pixels or PixelsInFlight()
     any_host = "*" in allowed_hosts
     hosts = {h.lower() for h in allowed_hosts}
 
@@ -104,7 +117,7 @@ def create_app(
         task.cancel()
 
     app = FastAPI(title="p2r-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.pixels = batcher, pixels
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -130,7 +143,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": served_name, **batcher.stats}
+        return {"status": "ok", "model": served_name, **batcher.stats, **pixels.stats}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -138,17 +151,26 @@ def create_app(
         card = {"id": served_name, "object": "model", "created": 0, "owned_by": "p2r-recipe"}
         return {"object": "list", "data": [card]}
 
-    def prepare(raw: bytes) -> tuple[Prompt, GenParams]:
+    def parse(raw: bytes) -> ChatRequest:
         request = parse_request(raw, served_name)
         check_template_kwargs(engine, request.template_kwargs)
+        return request
+
+    def prepare(request: ChatRequest) -> tuple[Prompt, GenParams]:
+        request.prompt = decode_images(request)
         return request.prompt, fit_context(engine, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
         authorize(request)
         raw = await _read_body(request, max_body_bytes)
-        prompt, params = await asyncio.to_thread(prepare, raw)  # image decoding and tokenising stay off the event loop
-        gen = await batcher.generate(prompt, params)
+        # Parsing, image decoding and tokenising stay off the event loop; images are decoded only once
+        # their pixels (read from the headers) fit the server's budget, and held until the reply.
+        parsed = await asyncio.to_thread(parse, raw)
+        del raw  # up to --max-body-mb that a request waiting for pixels need not keep
+        async with pixels.hold(parsed.pixels):
+            prompt, params = await asyncio.to_thread(prepare, parsed)
+            gen = await batcher.generate(prompt, params)
         if gen.error is not None:
             # Failures are isolated per prompt by the engine, so this request itself is what failed.
             raise APIError(400, f"generation failed: {gen.error}", "generation_error")
@@ -230,11 +252,25 @@ def main(argv: list[str] | None = None) -> None:
         "--max-generation-s", type=float, default=MAX_GENERATION_S,
         help="a generation stops after this long (finish_reason length): how long one slow batch can hold up the next",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-pixels-in-flight", type=int, default=DEFAULT_PIXELS_IN_FLIGHT,
+        help=f"decoded image pixels of all requests together; more wait (default {DEFAULT_PIXELS_IN_FLIGHT}, "
+        f"{DEFAULT_PIXELS_IN_FLIGHT // MAX_TOTAL_PIXELS} requests at the per-request limit)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pixel-wait-s", type=float, default=DEFAULT_PIXEL_WAIT_S,
+        help="how long a request waits for --max-pixels-in-flight room before a 503",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.max_pixels_in_flight < MAX_TOTAL_PIXELS:
+        parser.error(f"--max-pixels-in-flight must be at least one request's limit, {MAX_TOTAL_PIXELS}")
+    if args.pixel_wait_s <= 0:
+        parser.error("--pixel-wait-s must be positive")
     api_key = read_key(args, parser)
-    from .engines.hf import HFEngine  # imported here: torch and transformers are slow to import
-
+    from ..engines.hf import (
+        HFEngine,  # imported here: torch and transformers are slow to import
+    )
 
     served = args.served_model_name or Path(args.model.rstrip("/")).name
     if is_toy(args.model):
@@ -251,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) + (args.host,)
     app = create_app(
-        engine, served, api_key, args.max_batch, args.batch_wait_ms / 1000, int(args.max_body_mb * 2**20), hosts, stopping
+        engine, served, api_key, args.max_batch, args.batch_wait_ms / 1000, int(args.max_body_mb * 2**20), hosts, stopping,
+        PixelsInFlight(args.max_pixels_in_flight, args.pixel_wait_s),
     )
     print(f"p2r-serve: serving {served!r} at http://{args.host}:{args.port}/v1", flush=True)
     config = uvicorn.Config(

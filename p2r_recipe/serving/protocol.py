@@ -1,160 +1,172 @@
-"""The wire protocol of p2r-serve: OpenAI chat requests parsed and checked into a `Prompt` and `GenParams`,
-and errors in OpenAI's shape. Every refusal is an `APIError` whose status and message name the problem."""
+"""The wire protocol of p2r-serve: OpenAI chat requests, validated by `schema`'s models, as a `Prompt` and
+`GenParams`. Every refusal is an `APIError` (OpenAI's error shape) whose status and message name the problem.
+
+A request is taken in two steps so that the server can bound the pixels decoded across requests:
+`parse_request` validates the body and reads each image's size from its header (no pixels decoded),
+then `decode_images` decodes them once the server has admitted that many pixels.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from PIL import Image
 
 from ..engines.base import Engine, GenParams
-from ..images import ImageError, PixelAllowance, load_image
+from ..images import IMAGE_FORMATS, ImageError, PixelAllowance, load_image
 from ..prompts import SYSTEM_PROMPT, Prompt
+from .schema import (
+    DEFAULT_MAX_TOKENS,
+    MAX_IMAGES,
+    MAX_NEW_TOKENS,
+    SYSTEM_CONTENT,
+    USER_CONTENT,
+    APIError,
+    ChatBody,
+    ImagePart,
+    Message,
+    TextPart,
+    lone_surrogate,
+    validate_body,
+    validated,
+)
 
-# P2R sends at most 4 (annotated image + 3 crops); the cap bounds decoded memory per request.
-MAX_IMAGES = 16
-DEFAULT_MAX_TOKENS = 1024
-# One request must not hold the server for hours: no P2R pass needs more (the release's longest is 2048).
-MAX_NEW_TOKENS = 32768
-MAX_STOP_STRINGS = 16
-# Fields the server reads; `user` is metadata that changes no output.
-_READ = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-         "repetition_penalty", "stop", "seed", "min_tokens", "user", "chat_template_kwargs"}  # fmt: skip
-# Other fields are accepted only when null or at these values, which change nothing (clients send some by default).
-_NEUTRAL = {"stream": False, "n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0,
-            "response_format": {"type": "text"}}  # fmt: skip
-
-
-
-class APIError(Exception):
-    """An error reply in OpenAI's shape: `{"error": {"message", "type", "code"}}`."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "code": self.status}}, self.status)
-
-
-def _text(content: Any, where: str) -> str:
-    return "\n".join(_parts(content, where)[0])
-
-
-def _parts(content: Any, where: str, allowance: PixelAllowance | None = None) -> tuple[list[str], list]:
-    """A message's text parts and decoded images, in order; images only when there is an `allowance` to decode them on."""
-    if isinstance(content, str):
-        return [content], []
-    if not isinstance(content, list):
-        raise APIError(400, f"{where}: content must be a string or a list of parts")
-    texts, images = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url" and allowance is not None:
-            if len(images) == MAX_IMAGES:
-                raise APIError(400, f"{where}: more than {MAX_IMAGES} images")
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url.startswith("data:"):
-                raise APIError(400, f"{where}: image {len(images)} must be a data: URL (files and http URLs are not fetched)")
-            try:
-                images.append(load_image(url, allowance=allowance))
-            except ImageError as exc:
-                raise APIError(400, f"{where}: image {len(images)}: {exc}") from None
-        else:
-            raise APIError(400, f"{where}: unsupported content part {kind!r}")
-    return texts, images
+__all__ = [
+    "MAX_IMAGES",
+    "MAX_NEW_TOKENS",
+    "APIError",
+    "ChatRequest",
+    "check_template_kwargs",
+    "decode_images",
+    "fit_context",
+    "parse_request",
+    "to_params",
+    "to_prompt",
+]
 
 
-def to_prompt(messages: Any) -> Prompt:
-    """The Prompt of a chat request (see the module docstring for how turns are combined)."""
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise APIError(400, "messages must be a non-empty list of objects")
-    system = [
-        _text(m.get("content"), f"messages[{i}]") for i, m in enumerate(messages) if m.get("role") in ("system", "developer")
-    ]
-    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-    if not users:
-        raise APIError(400, "messages has no user message")
-    texts, images = _parts(messages[users[-1]].get("content"), f"messages[{users[-1]}]", PixelAllowance())
-    return Prompt("\n".join(texts), images, "\n".join(system) if system else SYSTEM_PROMPT)
-
-
-def _number(body: dict, key: str, default: Any, kind: type, minimum: float, maximum: float = float("inf")) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise APIError(400, f"{key} must be {'an integer' if kind is int else 'a number'}")
-    if not minimum <= value <= maximum:
-        raise APIError(400, f"{key} must be between {minimum} and {maximum}")
-    return kind(value)
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
-        raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
-    return tuple(stop)
-
-
-def to_params(body: dict) -> GenParams:
-    """Sampling settings of a chat request; options the server does not implement are refused (400), not ignored."""
-    unsupported = sorted(k for k, v in body.items() if k not in _READ and v is not None and _NEUTRAL.get(k, ...) != v)
-    if unsupported:
-        implemented = ", ".join(sorted(_READ - {"model", "messages", "user", "chat_template_kwargs"}))
-        raise APIError(400, f"unsupported option(s): {', '.join(unsupported)} (p2r-serve implements {implemented})")
-    max_key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
-    positive = {key: _number(body, key, 1.0, float, 0.0, 1.0 if key == "top_p" else float("inf"))
-                for key in ("top_p", "repetition_penalty")}  # fmt: skip
-    for key, value in positive.items():
-        if value <= 0:
-            raise APIError(400, f"{key} must be greater than 0")
-    return GenParams(
-        max_new_tokens=_number(body, max_key, DEFAULT_MAX_TOKENS, int, 1, MAX_NEW_TOKENS),
-        temperature=_number(body, "temperature", 0.0, float, 0.0),
-        min_new_tokens=_number(body, "min_tokens", 0, int, 0, MAX_NEW_TOKENS),
-        seed=_number(body, "seed", None, int, 0),
-        top_p=positive["top_p"],
-        top_k=max(_number(body, "top_k", 0, int, -1), 0),  # vLLM spells "off" -1
-        repetition_penalty=positive["repetition_penalty"],
-        stop=_stop(body),
-    )
+# --- requests ------------------------------------------------------------------------------------
 
 
 @dataclass
 class ChatRequest:
-    """A parsed chat request: its prompt, sampling settings, and whether the client chose the token limit."""
+    """A parsed chat request: its prompt, sampling settings, and whether the client chose the token limit.
+
+    Straight from `parse_request`, the prompt has no images yet: `images` holds their encoded bytes
+    (or a data URL that does not decode, whose error `decode_images` reports) and `pixels` what their
+    headers declare, capped at what one request may decode.
+    """
 
     prompt: Prompt
     params: GenParams
     max_tokens_given: bool
     template_kwargs: dict = field(default_factory=dict)
+    images: list = field(default_factory=list)
+    pixels: int = 0
+    where: str = "messages"  # the message the images come from, as errors name it
+
+
+def _params(body: ChatBody) -> GenParams:
+    maximum = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    stop = [] if body.stop is None else [body.stop] if isinstance(body.stop, str) else body.stop
+    return GenParams(
+        max_new_tokens=DEFAULT_MAX_TOKENS if maximum is None else maximum,
+        temperature=0.0 if body.temperature is None else body.temperature,
+        min_new_tokens=body.min_tokens or 0,
+        seed=body.seed,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),  # vLLM spells "off" -1
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        stop=tuple(stop),
+    )
+
+
+def to_params(body: dict) -> GenParams:
+    """Sampling settings of a chat request; options the server does not implement are refused (400), not ignored."""
+    return _params(validate_body({"messages": [{}], **body}))
+
+
+def _text(parts: Any) -> str:
+    return parts if isinstance(parts, str) else "\n".join(str(p.text) for p in parts if isinstance(p, TextPart))
+
+
+def _prompt(messages: list[Message]) -> tuple[Prompt, list[str], str]:
+    """The prompt's text and system parts (see app's docstring for how turns combine), its image URLs in order,
+    and the message they come from."""
+    system = [_text(validated(SYSTEM_CONTENT, m.content, f"messages[{i}]"))
+              for i, m in enumerate(messages) if m.role in ("system", "developer")]  # fmt: skip
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        raise APIError(400, "messages has no user message")
+    parts = validated(USER_CONTENT, messages[users[-1]].content, f"messages[{users[-1]}]")
+    urls = [] if isinstance(parts, str) else [p.url for p in parts if isinstance(p, ImagePart)]
+    return Prompt(_text(parts), [], "\n".join(system) if system else SYSTEM_PROMPT), urls, f"messages[{users[-1]}]"
+
+
+def _encoded(url: str) -> bytes | str:
+    """A data URL's bytes, or the URL itself when it does not decode (loading it then gives the reason)."""
+    try:
+        return base64.b64decode(url.split(",", 1)[1], validate=True)
+    except (IndexError, ValueError, binascii.Error):
+        return url
+
+
+def _header_pixels(image: bytes | str) -> int:
+    """The pixels an image's header declares, without decoding it; 0 when it cannot be read (decoding then
+    fails on its header, before any of its pixels). images.load_image does the real, checked opening."""
+    if isinstance(image, str):
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image), formats=IMAGE_FORMATS) as opened:
+                return opened.width * opened.height
+    except Exception:  # noqa: BLE001  # PIL raises many types for unreadable data; load_image words the reason
+        return 0
+
+
+def _from_body(body: Any, served_name: str | None) -> ChatRequest:
+    surrogate = lone_surrogate(body)
+    if surrogate is not None:
+        raise APIError(400, f"{surrogate}, which is not Unicode text: send valid UTF-8 (pair surrogates in \\u escapes)")
+    request = validate_body(body, served_name)
+    prompt, urls, where = _prompt(request.messages)
+    images = [_encoded(url) for url in urls]
+    pixels = min(sum(_header_pixels(image) for image in images), PixelAllowance().total)
+    given = request.max_tokens is not None or request.max_completion_tokens is not None
+    return ChatRequest(prompt, _params(request), given, request.chat_template_kwargs or {}, images, pixels, where)
 
 
 def parse_request(raw: bytes, served_name: str) -> ChatRequest:
+    """A validated request whose images are read only as far as their headers (see ChatRequest)."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
         raise APIError(400, f"body is not JSON: {type(exc).__name__}: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "body must be a JSON object")
-    if body.get("model", served_name) != served_name:
-        raise APIError(
-            404, f"model {body.get('model')!r} is not served here; this server serves {served_name!r}", "not_found_error"
-        )
-    params = to_params(body)
-    given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
-    template_kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(template_kwargs, dict):
-        raise APIError(400, "chat_template_kwargs must be an object")
-    return ChatRequest(to_prompt(body.get("messages")), params, given, template_kwargs)
+    return _from_body(body, served_name)
+
+
+def decode_images(request: ChatRequest) -> Prompt:
+    """The request's prompt with its images decoded, at most one request's pixel allowance of them."""
+    allowance, decoded = PixelAllowance(), []
+    for i, image in enumerate(request.images):
+        try:
+            decoded.append(load_image(image, allowance=allowance))
+        except ImageError as exc:
+            raise APIError(400, f"{request.where}: image {i}: {exc}") from None
+    return dataclasses.replace(request.prompt, images=decoded)
+
+
+def to_prompt(messages: Any) -> Prompt:
+    """The Prompt of a chat request's messages, images decoded."""
+    return decode_images(_from_body({"messages": messages}, None))
 
 
 def check_template_kwargs(engine: Engine, kwargs: dict) -> None:

@@ -2,7 +2,7 @@
 
 Every question asks for the pattern on one small tile of a large image: unreadable at the
 main job's whole-image budget, readable in P2R's crop of the tile. The demo's seeds are
-never used to train the tiny model (tiny_train.py draws its scenes from another range);
+never used to train the tiny model (trainer.py draws its scenes from another range);
 `questions()` returns the scenes, which is how the tests check every answer against the
 drawn pixels.
 
@@ -21,11 +21,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..lmms.benchmarks import HRBENCH, VSTAR, VSTAR_SUFFIX, Benchmark
+from ..lmms.registration import tasks_dir
 from ..records import Sample
 from . import scenes
 
 SEED = 2607_01191
-DATA_DIR = Path(__file__).resolve().parent.parent / "lmms_eval_tasks" / "p2r_demo" / "data"
+DATA_DIR = tasks_dir() / "p2r_demo" / "data"
 
 
 @dataclass(frozen=True)

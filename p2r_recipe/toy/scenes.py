@@ -11,7 +11,7 @@ the four patterns as options in one fixed order.
 
 Scenes come from a seed through `random.Random.random()` only (whose sequence Python
 guarantees) and are drawn with integer numpy masks, so they rebuild bit-identically.
-The embedded demo (demo.py) and the tiny model's training data (tiny_train.py) both use
+The embedded demo (demo.py) and the tiny model's training data (trainer.py) both use
 this module, with disjoint seeds.
 """
 

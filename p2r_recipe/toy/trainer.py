@@ -20,7 +20,8 @@ and the saved model is a plain Qwen3-VL.
 
 Scenes come from seeds 10,000,000 + i, never the demo's (about 2.6e9). Training is plain
 PyTorch on the CPU: a data worker renders and encodes batches while the main process trains;
-a fixed seed makes the run repeatable on one machine.
+a fixed seed makes the run repeatable on one machine. training.json records the loss curve and the
+first steps' losses, which `optimise(stop_after=...)` reruns cheaply (tests/toy/test_tiny_training.py).
 
     p2r-build-tiny --train     # retrain and write the package's weights (about 11 minutes on 2 cores)
 """
@@ -55,6 +56,8 @@ SIZES = ((1123, 791), (1024, 768), (1280, 720), (960, 720), (1152, 648), (1200, 
 STEPS = 2000
 LR = 2e-3
 PROBE_WEIGHT = 1.0
+CURVE_EVERY = 20  # training.json's loss curve: the mean loss of each window of this many steps
+FIRST_LOSSES = 100  # training.json also keeps this many first per-step losses, which a short rerun must reproduce
 JITTER = 12  # the reasoner sees boxes off by up to this much (0..1000 units), as a perceiver's would be
 
 
@@ -242,12 +245,32 @@ def scene_batches(processor, batch_size: int):
         yield from group
 
 
-def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR, probe_weight: float = PROBE_WEIGHT) -> dict:
-    """Train from scratch and save the model (fp16) into `out_dir`; returns timing and the last losses.
+def loss_curve(losses: list[float], every: int = CURVE_EVERY) -> list[float]:
+    """The mean loss of each complete window of `every` steps, rounded to 4 decimals (a partial last window is dropped)."""
+    return [round(sum(losses[i : i + every]) / every, 4) for i in range(0, len(losses) - every + 1, every)]
+
+
+@dataclass
+class Run:
+    """What `optimise` hands back: the trained model (float32, still in train mode) and its per-step losses."""
+
+    model: Qwen3VLForConditionalGeneration
+    processor: object
+    losses: list[float]
+    wall_s: float
+    cpu_s: float
+
+
+def optimise(steps: int = STEPS, batch_size: int = 8, lr: float = LR, probe_weight: float = PROBE_WEIGHT,
+             stop_after: int | None = None, progress: bool = True) -> Run:  # fmt: skip
+    """Run the `steps`-step schedule from scratch, or only its first `stop_after` steps: the seed, data and
+    learning-rate schedule are those of the full run, so the first losses must match its recorded curve.
 
     The loss is the replies' cross-entropy plus the token probes' (TokenHeads), which are dropped
     after training. On the CPU: two threads here and one in the data worker (measured on 2 cores:
-    0.27 s a step)."""
+    0.27 s a step). The thread count is fixed because it sets the order of floating-point sums."""
+    if stop_after is not None and not 0 < stop_after <= steps:
+        raise ValueError(f"stop_after must be in 1..{steps}, got {stop_after}")
     torch.set_num_threads(2)
     model, processor = new_model()
     heads = TokenHeads(model.config.vision_config.out_hidden_size)
@@ -257,8 +280,8 @@ def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR
     batches = scene_batches(processor, batch_size)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     losses: list[float] = []
-    progress = tqdm(total=steps, desc="train tiny", unit="step")
-    for step, batch in zip(range(steps), batches):
+    bar = tqdm(total=stop_after or steps, desc="train tiny", unit="step", disable=not progress)
+    for step, batch in zip(range(stop_after or steps), batches):
         loss = training_loss(model, heads, batch, probe_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,19 +289,30 @@ def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        progress.update(1)
+        bar.update(1)
         if step % 20 == 0:
-            progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    progress.close()
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar.close()
     batches.close()  # stops the data worker, so its CPU time is counted below
+    return Run(model, processor, losses, time.perf_counter() - wall, _cpu_seconds() - cpu)
+
+
+def train(out_dir: Path, steps: int = STEPS, batch_size: int = 8, lr: float = LR, probe_weight: float = PROBE_WEIGHT) -> dict:
+    """Train from scratch and save the model (fp16) into `out_dir`; returns (and writes as training.json)
+    the settings, timing, final loss, the loss curve (`loss_curve`: the mean of every `loss_every` steps)
+    and the first FIRST_LOSSES steps' losses (`first_losses`), all rounded to 4 decimals."""
+    run = optimise(steps, batch_size, lr, probe_weight)
+    losses = run.losses
     stats = {"steps": steps, "batch_size": batch_size, "lr": lr, "probe_weight": probe_weight, "seed": TRAIN_SEED,
-             "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1),
-             "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}  # fmt: skip
-    model = model.to(torch.float16).eval()
+             "device": "cpu", "wall_s": round(run.wall_s, 1), "cpu_s": round(run.cpu_s, 1),
+             "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+             "loss_every": CURVE_EVERY, "loss_curve": loss_curve(losses),
+             "first_losses": [round(x, 4) for x in losses[:FIRST_LOSSES]]}  # fmt: skip
+    model = run.model.to(torch.float16).eval()
     ids = {key: getattr(model.config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     model.generation_config = GenerationConfig(do_sample=False, **ids)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    run.processor.save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats

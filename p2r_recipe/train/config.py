@@ -9,11 +9,16 @@ from pathlib import Path
 
 import yaml
 
+from p2r_recipe import release
+
 ROLES = ("perceiver", "reasoner", "joint")
 BASE_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 # The agent's per-turn response caps (p2r_recipe.train.agent.TurnCaps): the variable each role's cap travels
 # in, and the release's value (S1 1024, S2 2048 tokens).
-TURN_CAP_VARS = {"perceiver": ("P2R_PERCEIVE_MAX_TOKENS", 1024), "reasoner": ("P2R_REASON_MAX_TOKENS", 2048)}
+TURN_CAP_VARS = {
+    "perceiver": ("P2R_PERCEIVE_MAX_TOKENS", release.PERCEIVER_RESPONSE_MAX_LEN),
+    "reasoner": ("P2R_REASON_MAX_TOKENS", release.REASONER_RESPONSE_MAX_LEN),
+}
 
 
 @dataclass
@@ -29,39 +34,39 @@ class TrainConfig:
     dataset: str = "data/p2r10k/perceiver.jsonl"
     output_dir: str = "runs/perceiver_4b"
     # The release: GRPO, group 8, 64 prompts per rollout and per update, KL k3 as a loss.
-    n_samples_per_prompt: int = 8
-    rollout_batch_size: int = 64
-    train_batch_size: int = 64
+    n_samples_per_prompt: int = release.GROUP_SIZE
+    rollout_batch_size: int = release.ROLLOUT_BATCH_PROMPTS
+    train_batch_size: int = release.UPDATE_BATCH_PROMPTS
     # AdamW at a constant learning rate, no warm-up; gradients clipped to norm 1.0.
-    learning_rate: float = 1e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_ratio: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.01
-    max_norm: float = 1.0
-    kl_loss_coef: float = 0.01
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    epochs: int = 1
-    save_steps: int = 30
-    prompt_max_len: int = 2560
-    response_max_len: int = 1024
-    rollout_max_len: int = 4096
-    temperature: float = 1.0
+    learning_rate: float = release.LEARNING_RATE
+    lr_scheduler: str = release.LR_SCHEDULER
+    lr_warmup_ratio: float = release.LR_WARMUP_RATIO
+    adam_beta1: float = release.ADAM_BETAS[0]
+    adam_beta2: float = release.ADAM_BETAS[1]
+    weight_decay: float = release.WEIGHT_DECAY
+    max_norm: float = release.MAX_GRAD_NORM
+    kl_loss_coef: float = release.KL_LOSS_COEF
+    kl_estimator: str = release.KL_ESTIMATOR
+    entropy_coef: float = release.ENTROPY_COEF
+    epochs: int = release.EPOCHS
+    save_steps: int = release.SAVE_STEPS
+    prompt_max_len: int = release.PERCEIVER_PROMPT_MAX_LEN
+    response_max_len: int = release.PERCEIVER_RESPONSE_MAX_LEN
+    rollout_max_len: int = release.PERCEIVER_ROLLOUT_MAX_LEN
+    temperature: float = release.ROLLOUT_TEMPERATURE
     # Micro-batches per GPU (the release's 8 for the update, the rollout log-probs and the reference).
-    micro_train_batch_size: int = 8
-    micro_rollout_batch_size: int = 8
+    micro_train_batch_size: int = release.MICRO_BATCH_PER_GPU
+    micro_rollout_batch_size: int = release.MICRO_BATCH_PER_GPU
     # Validation every `eval_steps` on the held-out slice `p2r_recipe.train.prepare` writes ("" = none), greedy, one rollout.
     eval_dataset: str = "data/p2r10k/perceiver_val.jsonl"
-    eval_steps: int = 10
-    eval_temperature: float = 0.0
-    eval_n_samples_per_prompt: int = 1
+    eval_steps: int = release.EVAL_STEPS
+    eval_temperature: float = release.EVAL_TEMPERATURE
+    eval_n_samples_per_prompt: int = release.EVAL_SAMPLES_PER_PROMPT
     # Hardware: one node, every GPU shared by the policy, the reference and one vLLM engine.
-    num_nodes: int = 1
-    gpus_per_node: int = 4
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.8
+    num_nodes: int = release.NUM_NODES
+    gpus_per_node: int = release.GPUS_PER_NODE
+    vllm_tensor_parallel_size: int = release.ROLLOUT_TENSOR_PARALLEL
+    vllm_gpu_memory_utilization: float = release.ROLLOUT_GPU_MEMORY
     # The perceiver sees one image; the reasoner the annotated image and up to 3 crops.
     max_images_per_prompt: int = 1
     # Ours: memory and throughput settings.

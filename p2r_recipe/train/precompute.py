@@ -35,7 +35,6 @@ from p2r_recipe.client import ChatClient, RequestRejected, ServiceUnavailable, g
 from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import (
     TRAIN_BUDGET,
-    TRAIN_JPEG_QUALITY,
     ImageError,
     PixelBudget,
     encode_image,
@@ -43,11 +42,10 @@ from p2r_recipe.images import (
     load_image,
 )
 from p2r_recipe.records import Journal
+from p2r_recipe.release import PERCEIVE_PARAMS, TRAIN_JPEG_QUALITY
 from p2r_recipe.train.schema import TrainSample, prompt_row, val_path, write_json, write_jsonl
 from p2r_recipe.train.services import ServiceConfig
 
-# The release's request to the frozen perceiver (p2r_dataset.py `_call_perceiver`), all of it.
-PERCEIVE_PARAMS = {"max_tokens": 2048, "temperature": 0}
 EVIDENCE_NAMES = ("annotated", "crop1", "crop2", "crop3")
 _MANIFEST = "evidence.json"
 

@@ -62,8 +62,9 @@ from PIL import Image
 
 from p2r_recipe.client import RequestRejected, ServiceUnavailable, gather_all, image_part, run_sync
 from p2r_recipe.evidence import PLACEHOLDER_LABEL, Box, gather_evidence, iou, parse_boxes
-from p2r_recipe.images import TRAIN_BUDGET, TRAIN_JPEG_QUALITY, ImageError, PixelBudget, load_image
+from p2r_recipe.images import TRAIN_BUDGET, ImageError, PixelBudget, load_image
 from p2r_recipe.prompts import reason_text, service_messages
+from p2r_recipe.release import IOU_LIMIT, REASONER_PARAMS, TRAIN_JPEG_QUALITY
 from p2r_recipe.scoring import (
     TRAINING_LETTERS,
     VerdictError,
@@ -76,8 +77,6 @@ from p2r_recipe.train.schema import TrainSample
 from p2r_recipe.train.services import ServiceConfig, env_number
 
 ROLES = ("perceiver", "reasoner")
-REASONER_PARAMS = {"max_tokens": 2048, "temperature": 0}  # the release's request to the frozen reasoner, all of it
-IOU_LIMIT = 0.5
 # Up to this many boxes (120 pairs, under 0.1 ms) the pairs are checked one by one. The check runs on the
 # event loop, where the tensor version took ~0.4 ms per rollout while threads prepared images (small
 # torch calls, torch.triu above all, slow down when the cores are busy), delaying every request.

@@ -1,7 +1,7 @@
 """Evaluation cost per mode (default, thinking, p2r) through the Pipeline and the hf engine, at several batch sizes.
 
 Two engine set-ups run the same samples in one process:
-- `fast`: HFEngine's defaults (on a GPU: static KV cache, compiled decoding step, images
+- `fast`: HFEngine's defaults (on a GPU: static KV cache, decoding step replayed from CUDA graphs, images
   processed on the GPU, next batch prepared while the current one generates);
 - `straightforward`: every option off and Pillow's resize on one thread, i.e. plain
   `processor(...)` + `model.generate(...)` with HF's dynamic cache.
@@ -48,7 +48,7 @@ from p2r_recipe.records import Sample
 MODES = ("default", "thinking", "p2r")
 VARIANTS = {
     "fast": {},
-    "straightforward": {"static_cache": False, "compile": False, "images_on_device": False, "prefetch": False},
+    "straightforward": {"static_cache": False, "graphs": False, "images_on_device": False, "prefetch": False},
 }
 QUESTION = "Which object is closest to the camera?\nA. the car\nB. the tree\nC. the sign\nD. the bench"
 
@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
         for batch_size in args.batch_sizes:
             engine.batch_size = batch_size
             batch = samples(batch_size * args.batches, pictures)
-            # Warm-up at this batch size: compilation (p2r's reason pass needs the longest static cache,
-            # which the other modes then reuse), cuBLAS plans, the allocator's pool.
+            # Warm-up at this batch size: graph captures (one per batch size and cache length), cuBLAS
+            # plans, the allocator's pool.
             warm = time.perf_counter()
-            run_mode(engine, "p2r" if engine.compile else "default", batch[:batch_size], tokens, clock)
+            run_mode(engine, "p2r" if engine.graphs else "default", batch[:batch_size], tokens, clock)
             warmup_s = round(time.perf_counter() - warm, 2)
             for mode in sorted(args.modes, key=lambda m: m != "p2r"):
                 clock.reset()
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
             decode.append(speed)
             print(variant, speed, flush=True)
         report["variants"][variant] = {
-            "options": {k: getattr(engine, k) for k in ("static_cache", "compile", "images_on_device", "prefetch")},
+            "options": {k: getattr(engine, k) for k in ("static_cache", "graphs", "images_on_device", "prefetch")},
             "load_s": round(time.perf_counter() - load, 1), "configs": configs, "decode": decode,
+            "graphs": engine.step_graphs.counts if engine.step_graphs else None,
         }  # fmt: skip
         del engine
         if torch.cuda.is_available():

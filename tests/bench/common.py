@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "bench"
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "p2r-bench-quick"
-sys.path.insert(0, str(ROOT / "tests"))  # servers.py, release_rules.py, p2r10k.py: imported below and by the benches
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # servers.py, release_rules.py, p2r10k.py: imported below and by the benches
 
 import p2r10k
 

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2r_recipe import scoring
-from p2r_recipe.scoring import answer_text, grade_number, score_training, training_answer
+from p2r_recipe.scoring import (
+    answer_text,
+    grade_number,
+    score_answer,
+    score_training,
+    training_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +47,25 @@ def test_answer_text():
     assert scoring.answer_text("<answer>A</answer> later <answer>C</answer>", "thinking") == "A"
     assert scoring.answer_text("no tags here", "p2r") is None
     assert scoring.answer_text(" B ", "default") == "B"
+
+
+@pytest.mark.parametrize(
+    "reply, answer",
+    [
+        ("<think>A?</think><ANSWER>B</ANSWER>", None),  # upper case: no tag, as in the release
+        ("<Answer>B</Answer>", None),  # mixed case
+        ("<answer>B</ANSWER>", None),  # a lower-case opening needs a lower-case closing
+        ("<ANSWER>A</ANSWER> then <answer>C</answer>", "C"),  # the first lower-case pair wins
+        ("<answer>\nB\n</answer>", "B"),  # DOTALL, stripped
+    ],
+)
+def test_answer_tags_are_case_sensitive_in_evaluation_and_training(reply, answer):
+    for mode in ("thinking", "p2r"):
+        assert scoring.answer_text(reply, mode) == answer
+    # Training takes the whole reply when there are no (lower-case) tags (addendum, reward rules).
+    assert training_answer(reply) == ((answer, True) if answer is not None else (reply.strip(), False))
+    # An upper-case tagged B on a question whose truth is B: the evaluation scores it wrong, as the release does.
+    assert score_answer(answer, "B", "mca") == float(answer == "B")
 
 
 @pytest.mark.parametrize(

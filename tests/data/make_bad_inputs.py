@@ -302,7 +302,7 @@ HOSTILE_OUTPUTS = [
     _out("think_only", "<think>The answer is A.</think>"),
     _out("unclosed_answer", "<think>x</think><answer>A"),
     _out("several_answer_tags", "<answer>B</answer> no wait <answer>A</answer>", answer="B", choice="B"),
-    _out("uppercase_tags", "<ANSWER>A</ANSWER>", answer="A", choice="A"),
+    _out("uppercase_tags", "<ANSWER>A</ANSWER>"),  # the release's tags are case-sensitive: no answer
     _out("nested_answer_tags", "<answer><answer>A</answer></answer>", answer="<answer>A", choice="A"),
     _out("answer_prefix_and_parentheses", "<answer>The answer is (A)</answer>", answer="The answer is (A)", choice="A"),
     _out("stray_capital_counts", "<answer>Definitely C</answer>", answer="Definitely C", choice="D"),

@@ -189,6 +189,7 @@ def test_aggregate_matches_hand_computed_values():
     assert metrics["output_tokens"] == pytest.approx(50.0)
     assert metrics["seconds_per_sample"] == pytest.approx(2.4)
     assert metrics["errors"] == 1
+    assert metrics["letter_bias"] == {"n": 5, "predicted": {"A": 2, "B": 2, "C": 1, "-": 0}, "truth": {"A": 3, "B": 2, "C": 0}}
 
 
 def test_aggregate_writes_none_where_nothing_applies():
@@ -200,6 +201,7 @@ def test_aggregate_writes_none_where_nothing_applies():
     assert metrics["errors"] == 0
     empty = MMEREALWORLD.aggregate([])
     assert set(empty) == set(MMEREALWORLD.metrics) and empty["overall"] is None and empty["errors"] == 0
+    assert empty["letter_bias"] == {"n": 0, "predicted": {"-": 0}, "truth": {}}
 
 
 def test_aggregate_without_declared_categories_uses_the_items_categories():
@@ -207,6 +209,7 @@ def test_aggregate_without_declared_categories_uses_the_items_categories():
     assert aggregate(items) == {
         "overall": 50.0, "fsp": 100.0, "fcp": 0.0, "boxes": None, "boxes_fsp": None, "boxes_fcp": None,
         "output_tokens": None, "seconds_per_sample": None, "errors": 0,
+        "letter_bias": {"n": 2, "predicted": {"A": 1, "C": 1, "-": 0}, "truth": {"A": 0, "C": 2}},
     }  # fmt: skip
 
 
@@ -221,7 +224,8 @@ def test_mme_overall_is_the_mean_over_all_samples_not_over_categories():
 
 def test_registry_names_the_hub_datasets():
     assert set(BENCHMARKS) == {"vstar", "hrbench", "mmerealworld"}
-    assert BENCHMARKS["vstar"].datasets == ("lmms-lab/vstar-bench",)
+    # Ours (the id the P2R reference names) first, then lmms-eval 0.7.3's copy of it.
+    assert BENCHMARKS["vstar"].datasets == ("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench")
     assert BENCHMARKS["hrbench"].datasets == ("DreamMr/HR-Bench",)
     assert "yifanzhang114/MME-RealWorld-lite-lmms-eval" in BENCHMARKS["mmerealworld"].datasets
     assert VSTAR.letters == HRBENCH.letters == "ABCD" and MMEREALWORLD.letters == "ABCDEF"

@@ -34,7 +34,7 @@ def check_metrics(outputs: lmms_cli.Outputs, mode: str, limit: int) -> None:
         metrics = outputs.metrics(task)
         accuracy = {"overall", *categories}
         boxes = {"boxes", *(f"boxes_{c}" for c in categories)} if mode == "p2r" else set()
-        assert set(metrics) == accuracy | boxes | {"output_tokens", "seconds_per_sample", "errors"}
+        assert set(metrics) == accuracy | boxes | {"output_tokens", "seconds_per_sample", "errors", "letter_bias"}
         scored = [metrics[m] for m in accuracy if metrics[m] is not None]
         assert all(0 <= value <= 100 for value in scored) and len(scored) == (3 if limit >= 2 else 2)
         assert metrics["errors"] == 0 and metrics["output_tokens"] > 0 and metrics["seconds_per_sample"] > 0

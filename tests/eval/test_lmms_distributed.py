@@ -1,7 +1,5 @@
 """`accelerate launch --num_processes 2 -m lmms_eval --model p2r`: each process answers its share, the results equal one process's."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,13 +26,7 @@ def evaluate(tmp_path: Path, model_args: str, processes: int, name: str = "") ->
         launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                   "-m", "lmms_eval"]  # fmt: skip
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        done = subprocess.run(
-            [*launch, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
-        )
-        log = done.stdout + done.stderr
-        assert done.returncode == 0, log[-6000:]
+        log = lmms_cli.run(*args, cwd=tmp_path, timeout_s=600, launcher=launch, unset_env=["CUDA_VISIBLE_DEVICES"])
     outputs = lmms_cli.read_outputs(out)
     outputs.log = log
     return outputs

@@ -139,6 +139,16 @@ def test_decoding_model_args():
         model("http://127.0.0.1:9", image_mode="raw")
 
 
+def test_the_perceive_pass_decodes_as_the_reasoner_unless_its_own_arguments_say_otherwise():
+    url = "http://127.0.0.1:9"
+    lm = model(url, perceiver_base_url=url, perceiver_served_model="perceiver")
+    assert settings(lm.params) == RELEASE["p2r"]["answer"] and settings(lm.perceive_params) == RELEASE["p2r"]["perceive"]
+    lm = model(url, temperature=0.7, stop="</answer>", perceiver_top_k=5, perceiver_stop="]|Question:")
+    assert settings(lm.params) == (1024, 0.7, 1.0, 0, 1.05, ("</answer>",))
+    assert settings(lm.perceive_params) == (256, 0.7, 1.0, 5, 1.05, ("]", "Question:"))
+    assert lm.perceiver_engine is None  # decoding alone needs no second engine
+
+
 @pytest.mark.parametrize(
     "question, expected",
     [("Which one?\nA. red\nB. blue", ("mca", "AB")),

@@ -3,6 +3,7 @@
 import base64
 import io
 
+import datasets
 import pytest
 from lmms_eval.api.reasoning import strip_reasoning_tags
 from lmms_eval.utils import load_yaml_config
@@ -77,14 +78,16 @@ def test_vstar_p2r_reply():
     assert metrics == {
         "overall": 100.0, "attr": 100.0, "spatial": None, "errors": 0,
         "boxes": 2, "boxes_attr": 2, "boxes_spatial": None, "output_tokens": 40, "seconds_per_sample": 0.5,
+        "letter_bias": {"predicted": "B", "truth": "B"},
     }  # fmt: skip
 
 
 def test_vstar_other_model_plain_reply_has_no_cost_metrics():
     assert tasks.process_results(benchmarks.VSTAR, VSTAR_DOC, ["The answer is (B)."]) == {
-        "overall": 100.0, "attr": 100.0, "spatial": None, "errors": 0,
+        "overall": 100.0, "attr": 100.0, "spatial": None, "errors": 0, "letter_bias": {"predicted": "B", "truth": "B"},
     }  # fmt: skip
-    assert tasks.process_results(benchmarks.VSTAR, VSTAR_DOC, ["It is blue."])["overall"] == 0.0
+    wrong = tasks.process_results(benchmarks.VSTAR, VSTAR_DOC, ["It is blue."])
+    assert wrong["overall"] == 0.0 and wrong["letter_bias"] == {"predicted": "-", "truth": "B"}
 
 
 def test_thinking_reply_without_answer_tags_is_wrong_and_has_no_boxes():
@@ -147,6 +150,14 @@ def test_aggregations():
 
 TASKS = {
     "vstar/vstar.yaml": benchmarks.VSTAR,
+    "vstar/vstar_circular.yaml": benchmarks.VSTAR,
+    "hrbench/hrbench_4k_circular.yaml": benchmarks.HRBENCH,
+    "hrbench/hrbench_8k_circular.yaml": benchmarks.HRBENCH,
+    "mmerealworld/mmerealworld_p2r_circular.yaml": benchmarks.MMEREALWORLD,
+    "mmerealworld/mmerealworld_lite_p2r_circular.yaml": benchmarks.MMEREALWORLD,
+    "p2r_demo/p2r_demo_vstar_circular.yaml": benchmarks.VSTAR,
+    "p2r_demo/p2r_demo_hrbench_4k_circular.yaml": benchmarks.HRBENCH,
+    "p2r_demo/p2r_demo_hrbench_8k_circular.yaml": benchmarks.HRBENCH,
     "hrbench/hrbench_4k.yaml": benchmarks.HRBENCH,
     "hrbench/hrbench_8k.yaml": benchmarks.HRBENCH,
     "mmerealworld/mmerealworld_p2r.yaml": benchmarks.MMEREALWORLD,
@@ -160,11 +171,17 @@ TASKS = {
 @pytest.mark.parametrize("path", sorted(TASKS))
 def test_task_yaml_has_the_agreed_metrics(path):
     config = load_yaml_config(str(tasks_dir() / path), mode="full")
-    benchmark = TASKS[path]
-    assert [m["metric"] for m in config["metric_list"]] == list(benchmark.metrics)
+    benchmark, circular = TASKS[path], path.endswith("_circular.yaml")
+    metrics = [m["metric"] for m in config["metric_list"]]
+    assert metrics == list(benchmark.circular_metrics if circular else benchmark.metrics)
     assert config["task"] == path.rpartition("/")[2].removesuffix(".yaml")
     doc = {"vstar": VSTAR_DOC, "hrbench": HRBENCH_DOC, "mmerealworld": MME_DOC}[benchmark.name]
-    assert config["process_results"](doc, ["B"])["errors"] == 0
+    if circular:
+        rows = config["process_docs"](datasets.Dataset.from_list([doc]))
+        assert [row[tasks.ROTATION] for row in rows] == list(range(benchmark.rotations(doc)))
+        doc = rows[1]
+    # Every metric the YAML lists is one the sample returns, and only those.
+    assert set(config["process_results"](doc, ["B"])) <= set(metrics) and config["process_results"](doc, ["B"])["errors"] == 0
     if config["dataset_path"] == "parquet":
         assert all(tasks_dir().joinpath(f).is_file() for f in config["dataset_kwargs"]["data_files"].values())
     else:
@@ -175,7 +192,10 @@ def test_task_yaml_has_the_agreed_metrics(path):
 @pytest.mark.parametrize(
     "path, subtasks",
     [("hrbench/hrbench.yaml", ["hrbench_4k", "hrbench_8k"]),
-     ("p2r_demo/p2r_demo.yaml", ["p2r_demo_vstar", "p2r_demo_hrbench_4k", "p2r_demo_hrbench_8k"])],
+     ("p2r_demo/p2r_demo.yaml", ["p2r_demo_vstar", "p2r_demo_hrbench_4k", "p2r_demo_hrbench_8k"]),
+     ("hrbench/hrbench_circular.yaml", ["hrbench_4k_circular", "hrbench_8k_circular"]),
+     ("p2r_demo/p2r_demo_circular.yaml",
+      ["p2r_demo_vstar_circular", "p2r_demo_hrbench_4k_circular", "p2r_demo_hrbench_8k_circular"])],
 )  # fmt: skip
 def test_group_yaml(path, subtasks):
     config = load_yaml_config(str(tasks_dir() / path), mode="full")

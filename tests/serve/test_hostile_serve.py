@@ -1,11 +1,12 @@
 """p2r-serve under hostile requests (issue 17), each against a real server on 127.0.0.1: prompts past
 the model's context, many images that decode to too many pixels, formats that would run a program,
 cross-site requests to the keyless server, options it does not implement, a slow request, SIGTERM
-while generating, and keys. After every hostile case the server must still be healthy: /health
+while generating, keys, and text that is not Unicode (lone UTF-16 surrogates). After every hostile case the server must still be healthy: /health
 200, a good request answered, and its memory bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -382,3 +383,59 @@ def test_the_key_can_come_from_a_file(tiny_model_dir, tmp_path):
         assert_healthy(server, {"Authorization": f"Bearer {KEY}"})
         cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
         assert KEY.encode() not in cmdline
+
+
+# --- 7. text that is not Unicode -----------------------------------------------------------------
+
+
+def raw_chat(server, messages_json: str, **kwargs) -> httpx.Response:
+    """A chat request sent as this exact JSON text (a client's JSON library would refuse to write a lone surrogate)."""
+    text = '{"model": "tiny", "max_tokens": 2, "messages": ' + messages_json + "}"
+    headers = {"Content-Type": "application/json"}
+    return httpx.post(f"{server.base_url}/v1/chat/completions", content=text.encode(), headers=headers, **kwargs)
+
+
+LONE_SURROGATES = {
+    "content": '[{"role": "user", "content": "a\\ud800b"}]',
+    "text-part": '[{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]',
+    "system": '[{"role": "system", "content": "\\ud800"}, {"role": "user", "content": "hi"}]',
+    "high-then-high": '[{"role": "user", "content": "\\ud83d\\ud83d"}]',
+}
+PAIRED = '[{"role": "user", "content": "smile \\ud83d\\ude00"}]'
+
+
+@pytest.mark.parametrize("messages", LONE_SURROGATES.values(), ids=LONE_SURROGATES.keys())
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(keyless, messages):
+    refused(raw_chat(keyless, messages, timeout=60), 400, "lone UTF-16 surrogate", "messages[")
+    assert_healthy(keyless)
+
+
+def test_surrogates_elsewhere_are_400_and_pairs_are_text(keyless):
+    text = '{"model": "tiny", "max_tokens": 2, "stop": ["\\udc00"], "messages": [{"role": "user", "content": "hi"}]}'
+    response = httpx.post(f"{keyless.base_url}/v1/chat/completions", content=text.encode(),
+                          headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+    refused(response, 400, "stop[0]", "lone UTF-16 surrogate")
+    option = '{"model": "tiny", "\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}'
+    response = httpx.post(f"{keyless.base_url}/v1/chat/completions", content=option.encode(),
+                          headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+    refused(response, 400, "lone UTF-16 surrogate")  # not echoed raw into the error, which could not be encoded
+    assert raw_chat(keyless, PAIRED, timeout=60).status_code == 200  # an escaped pair is one character
+
+
+def test_lone_surrogates_inside_a_burst_fail_alone(keyless):
+    good = '[{"role": "user", "content": "question %d"}]'
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            text = lambda messages: ('{"model": "tiny", "max_tokens": 2, "messages": ' + messages + "}").encode()
+            bodies = [text(good % i) for i in range(16)] + [text(m) for m in LONE_SURROGATES.values()]
+            return await asyncio.gather(*(
+                client.post(f"{keyless.base_url}/v1/chat/completions", content=b, headers={"Content-Type": "application/json"})
+                for b in bodies
+            ))  # fmt: skip
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses[:16]] == [200] * 16, [r.text for r in responses[:16] if r.status_code != 200]
+    for response in responses[16:]:
+        refused(response, 400, "lone UTF-16 surrogate")
+    assert_healthy(keyless)

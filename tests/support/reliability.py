@@ -26,7 +26,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 BAD_IMAGES = DATA / "bad_images"
-ROOT = HERE.parent
+ROOT = HERE.parents[1]  # the repository (this file is in tests/support)
 
 _spec = importlib.util.spec_from_file_location("make_bad_inputs", DATA / "make_bad_inputs.py")
 corpus = importlib.util.module_from_spec(_spec)

@@ -20,8 +20,7 @@ def _run(tmp_path, model_args: str) -> tuple[str, str]:
         "--output_path", str(out), "--log_samples", "--verbosity", "DEBUG", cwd=tmp_path,
     )  # fmt: skip
     written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
-    assert "_results.json" in " ".join(p.name for p in out.rglob("*"))
-    return log, written
+    return log, written  # lmms_cli.run has checked that the run wrote its results
 
 
 @pytest.mark.slow

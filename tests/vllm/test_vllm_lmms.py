@@ -16,13 +16,11 @@ MAIN_JOB = "pretrained=p2r-tiny,mode=p2r,max_pixels=65536,max_new_tokens=64,repe
 
 def main_job(tmp_path, backend_args: str, name: str) -> lmms_cli.Outputs:
     out = tmp_path / name
-    log = lmms_cli.run(
+    lmms_cli.run(
         "--model", "p2r", "--model_args", f"{MAIN_JOB}{backend_args}", "--tasks", "p2r_demo", "--batch_size", "8",
         "--output_path", str(out), "--log_samples", cwd=tmp_path, timeout_s=600,
     )  # fmt: skip
-    # lmms-eval 0.7.3 logs a model's exception and exits 0: no results file is the failure.
-    assert list(out.glob("*/*_results.json")), log[-6000:]
-    return lmms_cli.read_outputs(out)
+    return lmms_cli.read_outputs(out)  # lmms_cli.run fails a run that wrote no results (lmms-eval exits 0 after a model exception)
 
 
 def answers(outputs: lmms_cli.Outputs) -> dict[str, tuple[str, str]]:
