@@ -200,8 +200,8 @@ class StepGraphs:
 
     @staticmethod
     def _load(entry: _Entry, kwargs: dict) -> None:
-        """Copy a step's inputs into the static buffers. The mask's first n slots are the 2D attention mask
-        (n = tokens so far); later slots stay False from the session's reset, which makes it causal."""
+        """Copy a step's inputs into the static buffers. With a 2D attention mask, the static mask's first n slots
+        take it (n = tokens so far); later slots stay False from the session's reset, which makes it causal."""
         for name, buffer in entry.inputs.items():
             buffer.copy_(kwargs[name])
         if entry.mask is not None:

@@ -2,7 +2,7 @@
 
 Each public benchmark is read in its own hub record format:
 
-- V* (`lmms-lab/vstar-bench`, or its copy `lmms-lab-encoder/vstar-bench`): `question_id`,
+- V* (`lmms-lab-encoder/vstar-bench`, formerly `lmms-lab/vstar-bench`): `question_id`,
   `image` (HF Image feature), `text` (question, "(A) .." option lines, then "Answer with the
   option's letter from the given choices directly."), `label` (letter), `category`
   (direct_attributes | relative_position).
@@ -332,7 +332,7 @@ def aggregate(items: list[dict], categories: tuple[str, ...] = ()) -> dict:
 
 VSTAR = Benchmark(
     name="vstar",
-    datasets=("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench"),
+    datasets=("lmms-lab-encoder/vstar-bench", "lmms-lab/vstar-bench"),
     doc_id=lambda doc: str(doc["question_id"]),
     question=_vstar_question,
     image_sources=lambda doc: [doc["image"]],

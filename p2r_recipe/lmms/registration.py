@@ -55,12 +55,14 @@ def index_our_tasks() -> None:
 
 # The key `take_cli_key` took out of this process's command line; the model uses it before $P2R_API_KEY.
 cli_api_key: str | None = None
+REDACTED_PERCEIVER_KEY = "perceiver_api_key=<redacted>"
 
 
 def take_cli_key(argv: list[str]) -> None:
     """Remove `api_key=...` from the `--model_args` of a `--model p2r` command line, in place, keeping it in
-    `cli_api_key`. lmms-eval loads this entry point before it parses `sys.argv`, so nothing it prints,
-    writes or hashes holds the key (the kernel's copy of the command line still does: prefer $P2R_API_KEY)."""
+    `cli_api_key`, and blank the value of a `perceiver_api_key=...` (which the model refuses). lmms-eval loads
+    this entry point before it parses `sys.argv`, so nothing it prints, writes or hashes holds either key (the
+    kernel's copy of the command line still does: prefer the environment variables)."""
     global cli_api_key
     model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), None)
     model = model or next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
@@ -70,11 +72,13 @@ def take_cli_key(argv: list[str]) -> None:
         flag, value = ("--model_args", argv[i + 1]) if arg == "--model_args" and i + 1 < len(argv) else arg.partition("=")[::2]
         if flag != "--model_args":
             continue
-        pairs = value.split(",")
+        # A perceiver key is refused by the model; its value is blanked here so the refusal never prints it.
+        pairs = [REDACTED_PERCEIVER_KEY if p.strip().startswith("perceiver_api_key=") else p for p in value.split(",")]
         keys = [p.split("=", 1)[1] for p in pairs if p.strip().startswith("api_key=")]
         if keys:
             cli_api_key = keys[-1]
-            kept = ",".join(p for p in pairs if not p.strip().startswith("api_key="))
+        kept = ",".join(p for p in pairs if not p.strip().startswith("api_key="))
+        if kept != value:
             if arg == "--model_args":
                 argv[i + 1] = kept
             else:

@@ -16,9 +16,9 @@ together give `overall_circular` and `<category>_circular`, where a question cou
 only when every rotation is. `letter_bias` (every task) counts predicted letters against the
 ground-truth letters.
 
-Hub copies: lmms-eval 0.7.3 moved its tasks' datasets from `lmms-lab/...` to
-`lmms-lab-encoder/...` (V*: `lmms-lab/vstar-bench` -> `lmms-lab-encoder/vstar-bench`, same
-fields). `read_hub_copies` (installed by the V* tasks' utils.py) makes lmms-eval's download
+Hub copies: lmms-eval moved its tasks' datasets from `lmms-lab/...` to `lmms-lab-encoder/...`
+(its PR #1416, a Hugging Face repo move: the old ids redirect "but should no longer be relied on";
+V*'s fields are unchanged). `read_hub_copies` (installed by the V* tasks' utils.py) makes lmms-eval's download
 try each copy in HUB_COPIES in turn and, when none loads, stop naming them all.
 """
 
@@ -69,8 +69,8 @@ def read_reply(text: str) -> Reply:
 # Columns `circular_docs` adds: which rotation a doc asks, and how many its question has.
 ROTATION = "p2r_rotation"
 ROTATIONS = "p2r_rotations"
-# A dataset's hub ids, in the order they are tried: the one the P2R release names first.
-HUB_COPIES = {"lmms-lab/vstar-bench": ("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench")}
+# A dataset's hub ids, in the order they are tried: the maintained id first, then the one the P2R release names.
+HUB_COPIES = {"lmms-lab-encoder/vstar-bench": ("lmms-lab-encoder/vstar-bench", "lmms-lab/vstar-bench")}
 
 
 class DatasetMissing(SystemExit):

@@ -11,9 +11,9 @@ and `seed` are honoured as in vLLM, and any other option is refused with a 400 n
 Limits (each a 4xx naming it, the server staying up): the body (`--max-body-mb`), 16 images and
 `MAX_TOTAL_PIXELS` decoded pixels per request (read from the headers before decoding), the
 decoded pixels of all requests in flight together (`--max-pixels-in-flight`: a request waits for
-room, and gets a 503 after `--pixel-wait-s`), the model's context (prompt text and image tokens plus `max_tokens`), and `--max-generation-s` per
-engine call, so a request waits at most for the engine calls queued ahead of it, each of at
-most `--max-batch` requests and that many seconds. SIGTERM ends a generation at its next token.
+room, and gets a 503 after `--pixel-wait-s`), the model's context (prompt text and image tokens
+plus `max_tokens`), and `--max-generation-s` per engine call, so a request waits at most for the
+engine calls queued ahead of it, each of at most `--max-batch` requests and that many seconds. SIGTERM ends a generation at its next token.
 Without a key, POST bodies must be `application/json` and the Host header a name of this
 server (cross-site pages and DNS rebinding cannot reach it).
 """
@@ -268,9 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.pixel_wait_s <= 0:
         parser.error("--pixel-wait-s must be positive")
     api_key = read_key(args, parser)
-    from ..engines.hf import (
-        HFEngine,  # imported here: torch and transformers are slow to import
-    )
+    # Imported here: torch and transformers are slow to import.
+    from ..engines.hf import HFEngine
 
     served = args.served_model_name or Path(args.model.rstrip("/")).name
     if is_toy(args.model):

@@ -7,7 +7,6 @@ import base64
 import io
 import multiprocessing
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -59,11 +58,8 @@ def test_concurrency_is_bounded_and_requests_overlap():
         async def many():
             return await asyncio.gather(*(chat.text(HELLO) for _ in range(16)))
 
-        start = time.perf_counter()
         assert in_new_loop(chat, many()) == ["echo: hello"] * 16
-        elapsed = time.perf_counter() - start
-    assert server.max_in_flight == 4
-    assert elapsed < 16 * 0.2 / 2  # 4 waves of 0.2 s, not 16 one after another
+    assert server.max_in_flight == 4  # four at a time overlapped, never more
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
@@ -78,9 +74,8 @@ def test_retries_after_server_errors_then_succeeds(status):
 def test_timeout_then_retry():
     with ScriptedServer(echo, latency_s=lambda call: 3.0 if call == 1 else 0.0) as server:
         chat = client(server, timeout_s=0.5)
-        start = time.perf_counter()
         assert in_new_loop(chat, chat.text(HELLO)) == "echo: hello"
-        assert time.perf_counter() - start < 2.5
+    # The slow first call was abandoned (a retry), not waited out: the second call answered.
     assert server.calls == 2 and chat.stats["retries"] == 1
 
 

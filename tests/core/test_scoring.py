@@ -1,5 +1,4 @@
 import asyncio
-import time
 
 import pytest
 import release_rules
@@ -153,10 +152,9 @@ def test_training_answer(reply, answer, tagged):
         assert answer_text(reply, "p2r") == answer  # the evaluation reads tagged replies the same way
 
 
+@pytest.mark.timeout(60)  # quadratic scanning would take hours on this input; no wall-time assert
 def test_training_answer_stays_linear_on_unclosed_tags():
-    start = time.perf_counter()
     assert training_answer("<answer>" * 200_000)[1] is False
-    assert time.perf_counter() - start < 1
 
 
 @pytest.mark.parametrize(
@@ -189,9 +187,7 @@ def test_grade_number_is_mathruler_with_a_guard():
 
     for answer, truth in [("3 cm", "3"), ("1,000", "1000"), ("0.333", "1/3"), ("10^{3}", "1000"), ("2", "2.0")]:
         assert grade_number(answer, truth) == grade_answer(answer, truth), (answer, truth)
-    start = time.perf_counter()
-    assert grade_number("2**(10**100)", "1") is False  # sympy would never finish
-    assert time.perf_counter() - start < 1
+    assert grade_number("2**(10**100)", "1") is False  # sympy would never finish: the pytest timeout catches a hang
 
 
 _FRAGMENTS = ["<answer>", "</answer>", "<ANSWER>", "<think>", "</think>", "A", "B", "E", "F", "(C)", "b", "The answer is",

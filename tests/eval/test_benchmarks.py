@@ -225,7 +225,7 @@ def test_mme_overall_is_the_mean_over_all_samples_not_over_categories():
 def test_registry_names_the_hub_datasets():
     assert set(BENCHMARKS) == {"vstar", "hrbench", "mmerealworld"}
     # Ours (the id the P2R reference names) first, then lmms-eval 0.7.3's copy of it.
-    assert BENCHMARKS["vstar"].datasets == ("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench")
+    assert BENCHMARKS["vstar"].datasets == ("lmms-lab-encoder/vstar-bench", "lmms-lab/vstar-bench")
     assert BENCHMARKS["hrbench"].datasets == ("DreamMr/HR-Bench",)
     assert "yifanzhang114/MME-RealWorld-lite-lmms-eval" in BENCHMARKS["mmerealworld"].datasets
     assert VSTAR.letters == HRBENCH.letters == "ABCD" and MMEREALWORLD.letters == "ABCDEF"

@@ -7,9 +7,9 @@ from p2r_recipe.lmms import tasks
 from p2r_recipe.lmms.benchmarks import VSTAR
 
 
-def test_both_copies_are_known_and_ours_is_tried_first():
-    assert tasks.HUB_COPIES["lmms-lab/vstar-bench"] == VSTAR.datasets
-    assert VSTAR.datasets == ("lmms-lab/vstar-bench", "lmms-lab-encoder/vstar-bench")
+def test_both_copies_are_known_and_the_maintained_one_is_tried_first():
+    assert tasks.HUB_COPIES["lmms-lab-encoder/vstar-bench"] == VSTAR.datasets
+    assert VSTAR.datasets == ("lmms-lab-encoder/vstar-bench", "lmms-lab/vstar-bench")
 
 
 @pytest.mark.slow

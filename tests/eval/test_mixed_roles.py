@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from p2r_recipe import prompts
-from p2r_recipe.lmms import envelope
+from p2r_recipe.lmms import envelope, registration
 from p2r_recipe.lmms.model import P2R
 from p2r_recipe.report.leaderboard import read_result_file
 
@@ -370,3 +370,10 @@ def test_a_reasoner_that_is_down_stops_the_cli_run_naming_the_reasoner(tmp_path)
     assert process.returncode != 0
     assert f"the reasoner (reasoner on openai at {dead}) failed" in output
     assert p.calls == 1 and not list((tmp_path / "run").rglob("*_results.json"))
+
+
+def test_keys_in_argv_are_taken_out_before_lmms_eval_reads_it(monkeypatch):
+    monkeypatch.setattr(registration, "cli_api_key", None)
+    argv = ["lmms-eval", "--model", "p2r", "--model_args", "api_key=sk-a,perceiver_api_key=sk-b,mode=p2r"]
+    registration.take_cli_key(argv)
+    assert argv[-1] == "perceiver_api_key=<redacted>,mode=p2r" and registration.cli_api_key == "sk-a"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import pytest
 import rollouts
@@ -228,11 +227,9 @@ def test_batch_requests_overlap(tmp_path, monkeypatch):
     with ScriptedServer(reasoner("A", "A"), latency_s=0.3) as server:
         configure(monkeypatch, "perceiver", reasoner=server)
         prompt = [chat_prompt(s) for s in samples]
-        start = time.perf_counter()
         result = reward_func([query(p, BOX) for p in prompt], prompt, [s.to_label() for s in samples])
-        elapsed = time.perf_counter() - start
     assert result["rewards"].tolist() == [1.0] * 8 and result["extra_logs"]["box_count"].tolist() == [1.0] * 8
-    assert server.max_in_flight == 8 and elapsed < 8 * 0.3 / 2
+    assert server.max_in_flight == 8  # all eight in flight together, not one after another
 
 
 @pytest.mark.parametrize("role, form, down", [("perceiver", "mca", "reasoner"), ("reasoner", "free_form", "verifier")])
@@ -257,10 +254,8 @@ def test_slow_service_times_out_then_retry_succeeds(tmp_path, monkeypatch):
     sample = rollouts.sample(tmp_path, form="mca")
     with ScriptedServer(reasoner("A", "A"), latency_s=lambda call: 3.0 if call == 1 else 0.0) as server:
         configure(monkeypatch, "perceiver", reasoner=server, P2R_TIMEOUT_S="0.5", P2R_RETRIES="2")
-        start = time.perf_counter()
         assert score(sample, BOX)[0] == 1.0
-        assert time.perf_counter() - start < 2.5
-        assert rewarder().reasoner.stats["retries"] == 1
+        assert rewarder().reasoner.stats["retries"] == 1  # the slow call was abandoned, not waited out
     assert server.calls == 2
 
 
