@@ -42,7 +42,17 @@ MAX_ASPECT_RATIO = 200
 # Below this many pixels a resize is too quick to be worth splitting across threads.
 _SPLIT_MIN_PIXELS = 1 << 20
 _RESIZE_THREADS = min(8, os.cpu_count() or 1)
-_resize_pool = ThreadPoolExecutor(_RESIZE_THREADS, thread_name_prefix="p2r-resize") if _RESIZE_THREADS > 1 else None
+_resize_pool: ThreadPoolExecutor | None = None
+
+
+def _renew_resize_pool() -> None:
+    global _resize_pool
+    _resize_pool = ThreadPoolExecutor(_RESIZE_THREADS, thread_name_prefix="p2r-resize") if _RESIZE_THREADS > 1 else None
+
+
+_renew_resize_pool()
+# A forked child (a DataLoader worker, say) inherits the pool without its threads: a resize there would wait forever.
+os.register_at_fork(after_in_child=_renew_resize_pool)
 
 
 class ImageError(ValueError):

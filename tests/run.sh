@@ -22,7 +22,7 @@ python3 -m venv .venv
 # OpenRLHF pins flash-attn, which only builds with CUDA; on CPU its library code is all the tests need.
 .venv/bin/pip install -q --no-deps "openrlhf==0.11.2"
 dev=0
-.venv/bin/python -m pytest "${dev_select[@]}" "$@" || dev=$?
+.venv/bin/python -m pytest --durations=15 "${dev_select[@]}" "$@" || dev=$?
 
 # Installed once; again when the requirements or these steps change (the stamp holds their hash).
 stamp=.venv-stack/.p2r-stack
@@ -41,7 +41,7 @@ if [[ ! -f $stamp || $(<"$stamp") != "$want" ]]; then
 fi
 .venv-stack/bin/pip install -q --no-deps -e .
 stack=0
-.venv-stack/bin/python -m pytest "${stack_select[@]}" tests/vllm tests/train/test_train_data.py tests/train/test_reward.py \
+.venv-stack/bin/python -m pytest --durations=15 "${stack_select[@]}" tests/vllm tests/train/test_train_data.py tests/train/test_reward.py \
   tests/train/test_agent.py tests/train/test_precompute.py tests/train/test_launch.py tests/serve/test_serve.py "$@" || stack=$?
 echo "dev suite: exit $dev; stack suite: exit $stack"
 [[ $dev == 0 && $stack == 0 ]]

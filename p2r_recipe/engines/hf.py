@@ -1,13 +1,12 @@
 """The `hf` backend: batched generation with a transformers Qwen-VL model in this process.
 
-On a GPU it defaults to the fast path: a static KV cache whose decoding step replays from
-CUDA graphs (graphs.py; so a step is not bound by Python and kernel launches), images
-normalised and patched on the GPU, and the next batch's prompts prepared on the CPU while
-the current one generates. Each can be turned off (`static_cache`, `graphs`,
-`images_on_device`, `prefetch`); on a CPU only `prefetch` is on.
-
-A graph is captured per (batch-size bucket, cache length) on the eager kernels, in a
-fraction of a second: nothing is compiled, so a cold process is fast from its first batch.
+On a GPU, images are normalised and patched on the GPU, and the next batch's prompts are
+prepared on the CPU while the current one generates (`images_on_device`, `prefetch`; on a CPU
+only `prefetch` is on). The graph path is opt-in (`static_cache=True, graphs=True`): a static
+KV cache whose decoding step replays from CUDA graphs (graphs.py), captured per (batch-size
+bucket, cache length) on the eager kernels with nothing compiled. It stays off by default until
+a GPU run has shown it gives the straightforward path's tokens (the CPU tests check its buffer
+logic eagerly; no GPU was available when it was written).
 """
 
 from __future__ import annotations
@@ -155,8 +154,8 @@ class _Staged:
 class HFEngine:
     """A Qwen-VL checkpoint (hub id, local dir or `p2r-tiny`) generating in left-padded batches.
 
-    `static_cache`, `graphs` and `images_on_device` default to on for CUDA devices, off
-    otherwise; `cache_step` rounds the static cache's length up so that prompts of similar
+    `images_on_device` defaults to on for CUDA devices; `static_cache` and `graphs` are opt-in
+    (see the module docstring); `cache_step` rounds the static cache's length up so that prompts of similar
     lengths reuse one captured decoding step, and `graph_slots` is how many (batch, cache
     length) graphs, each with its static cache, stay alive. `graphs` on a CPU runs the same
     static buffers eagerly (what the CPU tests check). A server sets `max_time_s` (each generate
@@ -173,8 +172,8 @@ class HFEngine:
         dtype: str | torch.dtype = "auto",
         batch_size: int = 8,
         budget: PixelBudget | None = None,
-        static_cache: bool | None = None,
-        graphs: bool | None = None,
+        static_cache: bool = False,
+        graphs: bool = False,
         images_on_device: bool | None = None,
         prefetch: bool = True,
         cache_step: int = 512,
@@ -185,8 +184,7 @@ class HFEngine:
         path = resolve_pretrained(pretrained)
         device = resolve_device(device)
         on_gpu = device.startswith("cuda")
-        self.static_cache = on_gpu if static_cache is None else static_cache
-        self.graphs = self.static_cache and on_gpu if graphs is None else graphs
+        self.static_cache, self.graphs = static_cache, graphs
         if self.graphs and not self.static_cache:
             raise ValueError("graphs=True needs static_cache=True: only a static cache keeps the decoding step's shapes fixed")
         self.images_on_device = on_gpu if images_on_device is None else images_on_device

@@ -47,7 +47,7 @@ from p2r_recipe.records import Sample
 
 MODES = ("default", "thinking", "p2r")
 VARIANTS = {
-    "fast": {},
+    "fast": {"static_cache": True, "graphs": True},  # the opt-in graph path (engines/hf.py)
     "straightforward": {"static_cache": False, "graphs": False, "images_on_device": False, "prefetch": False},
 }
 QUESTION = "Which object is closest to the camera?\nA. the car\nB. the tree\nC. the sign\nD. the bench"

@@ -68,9 +68,9 @@ def demo_figures(weights: Path, samples: int) -> dict:
 
 
 def curve_gap(ours: list[float], recorded: list[float]) -> dict:
-    """The largest difference between two loss curves over the windows both have (None: nothing to compare)."""
+    """How many values two loss lists share, and the largest difference over them (None: nothing to compare)."""
     pairs = list(zip(ours, recorded))
-    return {"windows": len(pairs), "max_gap": round(max(abs(a - b) for a, b in pairs), 6) if pairs else None}
+    return {"compared": len(pairs), "max_gap": round(max(abs(a - b) for a, b in pairs), 6) if pairs else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,5 +1,7 @@
 """The threaded bicubic resize gives Pillow's bytes; budgets follow Qwen-VL's smart_resize."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,6 +32,23 @@ def test_threaded_resize_gives_pillows_bytes(source, size, monkeypatch):
         monkeypatch.setattr(images, "_RESIZE_THREADS", 2)
     image = noise(*source)
     assert images.resize_bicubic(image, size).tobytes() == image.resize(size, Image.Resampling.BICUBIC).tobytes()
+
+
+@pytest.mark.timeout(120)  # the bug this guards against was a child waiting forever
+def test_a_forked_child_resizes_with_its_own_threads(monkeypatch):
+    if images._resize_pool is None:  # one core: no pool, nothing to inherit
+        pytest.skip("single-core machine: resizing is not threaded")
+    image = noise(3840, 2160)
+    images.resize_bicubic(image, (1920, 1088))  # the parent's pool has started its threads
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = images.resize_bicubic(image, (1920, 1088)).size == (1920, 1088)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.parametrize(
