@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -20,10 +21,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .leaderboard import METRICS, TASKS
-from .page import CSS, HTML, JS
 from .published import published_scores
 from .runs import COST_METRICS, Run, SampleRow, benchmark_for, find_runs
 from .thumbs import DocStore, pictures
+
+# The page itself: static files next to this module, copied beside data.js and img/.
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE = ("index.html", "report.css", "report.js")
 
 
 def _categories(task: str) -> list[str]:
@@ -166,9 +170,8 @@ def build(paths: list[Path], out: Path, baseline: int = 0, progress: bool = True
     # "<" escaped: the data file can never close a tag, whatever a model wrote.
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     (out / "data.js").write_text(f"window.P2R_REPORT = {text};\n", encoding="utf-8")
-    (out / "index.html").write_text(HTML, encoding="utf-8")
-    (out / "report.css").write_text(CSS, encoding="utf-8")
-    (out / "report.js").write_text(JS, encoding="utf-8")
+    for name in PAGE:
+        shutil.copyfile(STATIC / name, out / name)
     return data
 
 

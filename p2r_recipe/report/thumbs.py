@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..evidence import COLORS, gather_evidence, iou, parse_boxes, reply_objects
 from ..images import ImageError
+from ..lmms.benchmarks import Benchmark
 from .runs import Run, SampleRow, benchmark_for
 
 THUMB_SIDE = 420  # longest side of a card's main picture: cards are 360-440 px wide on a laptop screen
@@ -60,6 +61,22 @@ class _ParquetRows:
 
     def __getitem__(self, index: int) -> dict:
         return self._table.slice(index, 1).to_pylist()[0]
+
+
+class RotatedDocs:
+    """A circular task's documents as lmms-eval numbers them (lmms.tasks.circular_docs): each stored doc once
+    per rotation of its options, the rotations of a doc next to each other."""
+
+    def __init__(self, docs: Any, benchmark: Benchmark) -> None:
+        self._docs, self._benchmark = docs, benchmark
+        self._index = [(i, shift) for i in range(len(docs)) for shift in range(benchmark.rotations(docs[i]))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, doc_id: int) -> dict:
+        i, shift = self._index[doc_id]
+        return self._benchmark.rotate(self._docs[i], shift)
 
 
 def _parquet_docs(files: Any, split: str) -> _ParquetRows:
@@ -104,6 +121,9 @@ class DocStore:
         if key not in self._cache:
             try:
                 self._cache[key] = self._load(task, config)
+                benchmark = benchmark_for(task)
+                if task.endswith("_circular") and benchmark is not None:
+                    self._cache[key] = RotatedDocs(self._cache[key], benchmark)
             except Missing as exc:
                 self._cache[key] = exc
         found = self._cache[key]

@@ -1,4 +1,7 @@
-
+// The evidence report's script: builds every element with createElement/textContent from
+// `window.P2R_REPORT` (data.js), never innerHTML, so any string in a results folder is shown as text.
+// index.html's Content-Security-Policy forbids every network source; images load lazily, so the first
+// screen does not fetch every thumbnail.
 "use strict";
 (function () {
   const t0 = performance.now();

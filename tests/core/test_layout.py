@@ -4,8 +4,13 @@ that meets the toy in one place only."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 from paths import ROOT
 
 PACKAGE = ROOT / "p2r_recipe"
@@ -111,3 +116,23 @@ def test_the_core_never_imports_the_toy_at_module_level():
     lazy = {name for name, path in core.items() for target, at_top in imports(name, path)
             if target.startswith("p2r_recipe.toy") and not at_top}  # fmt: skip
     assert eager == [] and lazy <= LAZY_TOY
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_task_file_and_package_asset(tmp_path):
+    """A wheel (not only an editable install) holds every task YAML and template, the demo data, the toy's
+    weights and the report's page: each non-Python file in these folders is package data."""
+    # From a copy without build/ or *.egg-info: setuptools would take a stale file list from those.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "*.egg-info", "build", "results", "tests", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    [wheel] = tmp_path.glob("p2r_recipe-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {
+        path.relative_to(ROOT).as_posix()
+        for folder in ("lmms_eval_tasks", "p2r_recipe/toy/tiny_weights", "p2r_recipe/report/static")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc", ".md") and "__pycache__" not in path.parts
+    }
+    assert wanted and wanted <= shipped, sorted(wanted - shipped)

@@ -12,10 +12,11 @@ from PIL import Image
 from synthetic_runs import envelope_text, write_run
 
 from p2r_recipe.evidence import annotate, crop_rect, parse_boxes
+from p2r_recipe.lmms import tasks
 from p2r_recipe.lmms.benchmarks import VSTAR
 from p2r_recipe.report.evidence_report import published
 from p2r_recipe.report.runs import find_runs, task_metrics
-from p2r_recipe.report.thumbs import CROP_SIDE, JPEG_QUALITY, THUMB_SIDE
+from p2r_recipe.report.thumbs import CROP_SIDE, JPEG_QUALITY, THUMB_SIDE, RotatedDocs
 from p2r_recipe.toy.demo import load_records
 
 
@@ -107,3 +108,15 @@ def test_published_p2r_numbers_sit_beside_ours():
     assert rows[("vstar", "P2R-4B")] == {"attr": 92.2, "spatial": 94.7, "overall": 93.2}
     assert rows[("mmerealworld_lite_p2r", "P2R-8B")]["overall"] == 57.4
     assert all(model.startswith("P2R") and task != "p2r_demo_vstar" for task, model in rows)
+
+
+def test_circular_documents_are_numbered_as_lmms_eval_numbers_them():
+    """A circular run's doc_id k is the k-th doc of `tasks.circular_docs`: the report's rotated view agrees."""
+    datasets = pytest.importorskip("datasets")
+    rows = load_records("vstar")
+    view = RotatedDocs(rows, VSTAR)
+    docs = tasks.circular_docs(VSTAR, datasets.Dataset.from_list(rows))
+    assert len(view) == len(docs) == sum(VSTAR.rotations(row) for row in rows) > len(rows)
+    for k in range(len(docs)):
+        assert VSTAR.question(view[k]) == VSTAR.question(tasks.asked(VSTAR, docs[k]))
+        assert VSTAR.answer(view[k]) == VSTAR.answer(tasks.asked(VSTAR, docs[k]))
