@@ -14,6 +14,11 @@ importlib and builds `AgentExecutor()` with no arguments, so the agent is chosen
   usable) and the training reasoning prompt. Turn 2: the policy reasons; the reward is the
   score of its final answer (the box rules are logged, not applied).
 
+Where to customise. A new agent: an `AgentInstanceBase` subclass named in `AGENTS` and picked in
+`AgentExecutor`; what the joint agent's environment shows after the perceive turn: `JointAgent`
+(the evidence comes from `Rewarder.evidence`, the prompt from `prompts.reason_text`); per-turn
+token caps: `turn_caps`. Scoring is the reward's (`p2r_recipe.train.reward`).
+
 Multimodal observations: OpenRLHF 0.11.2's multi-turn executor tokenizes
 `environment_feedback` together with `environment_images` through the VLM processor, so the
 feedback text carries one image placeholder per image. Limitations: the feedback turn is

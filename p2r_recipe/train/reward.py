@@ -1,5 +1,10 @@
 """PRA-GRPO rewards: `reward_func` for OpenRLHF's `--reward.remote_url`, and the per-rollout scoring the agents reuse.
 
+Where to customise. The box rules: `box_rule` (and `evidence.py` for parsing and crops); how an
+answer scores: `scoring.training_answer` / `scoring.score_training`; what the frozen reasoner is
+sent: `Rewarder._reason_messages` and `release.REASONER_PARAMS`; a new per-rollout flag: `Outcome`
+and `FAILURES`. Everything else is plumbing OpenRLHF needs.
+
 Signature. OpenRLHF 0.11.2 loads this file with importlib (hence the absolute imports)
 and calls `reward_func(queries, prompts, labels)` once per rollout, from a worker thread:
 `queries` are prompt + response decoded with special tokens (a VLM's image placeholders

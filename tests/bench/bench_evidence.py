@@ -24,10 +24,11 @@ import base64
 import io
 import statistics
 
-import release_rules
 from common import boxes_text, machine, median_s, parse_args, photo, write_result
 from PIL import Image
 
+# After `common`, which puts tests/support on sys.path.
+import release_rules  # noqa: I001
 from p2r_recipe.evidence import gather_evidence
 from p2r_recipe.images import PixelBudget, data_url, load_image, smart_resize
 

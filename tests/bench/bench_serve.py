@@ -18,9 +18,11 @@ import asyncio
 import statistics
 import time
 
-import reliability
 from common import machine, parse_args, write_result
 from PIL import Image
+
+# After `common`, which puts tests/support on sys.path.
+import reliability  # noqa: I001
 from servers import start_p2r_serve
 
 from p2r_recipe.client import ChatClient, image_part, run_sync
