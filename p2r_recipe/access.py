@@ -7,6 +7,8 @@ or server code.
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -23,6 +25,16 @@ def read_key_file(path: str, var: str) -> str:
     if not key:
         raise ValueError(f"{var}={path} is empty")
     return key
+
+
+def key_from_env(var: str, env: Mapping[str, str] | None = None) -> str | None:
+    """A service key from the environment: the file named by `$VAR_FILE` (read as `read_key_file` reads it; it wins),
+    else `$VAR`; None when neither is set. Keys come from the environment only, so none is ever in argv."""
+    env = os.environ if env is None else env
+    path = env.get(f"{var}_FILE")
+    if path:
+        return read_key_file(path, f"{var}_FILE")
+    return env.get(var) or None
 
 
 def is_loopback(host: str) -> bool:

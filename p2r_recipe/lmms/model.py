@@ -45,6 +45,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
+from ..access import key_from_env
 from ..client import RequestRejected, ServiceUnavailable
 from ..engines import Engine, is_toy, make_engine, resolve_backend
 from ..images import PixelBudget, check_image_mode
@@ -52,7 +53,7 @@ from ..pipeline import RELEASE_DECODING, RELEASE_MAX_NEW_TOKENS, Pipeline
 from ..prompts import MODES
 from ..records import Journal, Record, Sample
 from . import envelope, registration
-from .roles import API_KEY_ENV, PERCEIVER, PERCEIVER_API_KEY_ENV, RoleEngine, decoding, describe, service_key
+from .roles import API_KEY_ENV, PERCEIVER, PERCEIVER_API_KEY_ENV, RoleEngine, decoding, describe
 from .roles import perceiver_engine_args
 
 ANSWER_FORM_KEY = "p2r_answer_form"
@@ -200,7 +201,7 @@ class P2R(lmms):
             device = str(self._device)  # cuda:{local_rank}, or cpu under accelerate's CPU path
         shared = {"device": device, "dtype": dtype, "batch_size": int(batch_size), "concurrency": int(concurrency)}
         reasoner_key = api_key or registration.cli_api_key
-        reasoner_key = reasoner_key or (service_key(api_key_env) if backend == "openai" else None)
+        reasoner_key = reasoner_key or (key_from_env(api_key_env) if backend == "openai" else None)
         self.engine, reasoner = self._make_engine(
             "reasoner", backend, pretrained, base_url, served_model, reasoner_key, self.budget, shared, engine_kwargs
         )
@@ -213,7 +214,7 @@ class P2R(lmms):
             self.perceiver_engine, perceiver = self._make_engine(
                 "perceiver", perceiver_backend, perceiver_pretrained or (None if perceiver_base_url else pretrained),
                 perceiver_base_url, perceiver_served_model,
-                service_key(perceiver_api_key_env) if perceiver_backend == "openai" else None,
+                key_from_env(perceiver_api_key_env) if perceiver_backend == "openai" else None,
                 self.perceive_budget, shared, perceiver_kwargs,
             )  # fmt: skip
             self._roles = (RoleEngine("perceiver", self.perceiver_engine, perceiver),

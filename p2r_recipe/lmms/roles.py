@@ -7,10 +7,8 @@ file it names), never from argv; a record names each pass's model and backend, n
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
-from ..access import read_key_file
 from ..client import RequestRejected, ServiceUnavailable
 from ..engines import Engine, Generation, GenParams
 from ..prompts import Prompt
@@ -21,15 +19,6 @@ API_KEY_ENV = "P2R_API_KEY"
 PERCEIVER_API_KEY_ENV = "P2R_PERCEIVER_API_KEY"
 # The prefix of the perceive pass's own model args.
 PERCEIVER = "perceiver_"
-
-
-def service_key(var: str) -> str | None:
-    """A service's key: from the mode-600 file named by $VAR_FILE (as the training launchers read keys), else
-    $VAR itself; None when neither is set. Keys come from the environment only, so none is ever in argv."""
-    path = os.environ.get(f"{var}_FILE")
-    if path:
-        return read_key_file(path, f"{var}_FILE")
-    return os.environ.get(var) or None
 
 
 def describe(backend: str, model: str, base_url: str | None) -> dict[str, str]:

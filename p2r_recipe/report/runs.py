@@ -16,7 +16,7 @@ from typing import Any
 
 from ..lmms import envelope
 from ..lmms.benchmarks import BENCHMARKS, Benchmark
-from .leaderboard import display_model, parse_model_args
+from .leaderboard import parse_model_args, run_model
 
 # Summary metrics shown for every task, besides its categories, in this order.
 COST_METRICS = ("boxes", "output_tokens", "seconds_per_sample", "errors")
@@ -146,7 +146,8 @@ def read_run(results_path: Path) -> Run:
         raise RunError(f"{results_path}: no 'results' object, so not an lmms-eval results file")
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     args = parse_model_args(config.get("model_args"))
-    model = display_model(str(args.get("pretrained") or data.get("model_name") or config.get("model") or "model"))
+    # The leaderboard's naming, so a mixed-roles run is `PERCEIVER -> REASONER` here too.
+    model = run_model(args, str(args.get("pretrained") or data.get("model_name") or config.get("model") or "model"))
     mode = args.get("mode", "")
     configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
     groups = set(data.get("group_subtasks") or {}) - set(configs)

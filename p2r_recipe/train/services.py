@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from p2r_recipe.access import is_loopback, read_key_file
+from p2r_recipe.access import is_loopback, key_from_env
 from p2r_recipe.client import ChatClient
 
 DEFAULT_HOST = "127.0.0.1"
@@ -60,7 +60,7 @@ class ServiceConfig:
             host=env.get(f"{prefix}_HOST") or DEFAULT_HOST,
             port=env_number(env, f"{prefix}_PORT", DEFAULT_PORTS[name], int),
             model=env.get(f"{prefix}_MODEL") or name,
-            api_key=_key(env, prefix),
+            api_key=key_from_env(f"{prefix}_API_KEY", env),
             concurrency=env_number(env, "P2R_CONCURRENCY", DEFAULT_CONCURRENCY, int),
             timeout_s=env_number(env, "P2R_TIMEOUT_S", DEFAULT_TIMEOUT_S),
             retries=env_number(env, "P2R_RETRIES", DEFAULT_RETRIES, int),
@@ -83,10 +83,3 @@ class ServiceConfig:
             self.base_url, self.model, self.api_key, name=self.name, concurrency=self.concurrency,
             timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s,
         )  # fmt: skip
-
-
-def _key(env: Mapping[str, str], prefix: str) -> str | None:
-    path = env.get(f"{prefix}_API_KEY_FILE")
-    if path:
-        return read_key_file(path, f"{prefix}_API_KEY_FILE")
-    return env.get(f"{prefix}_API_KEY") or None
